@@ -1,0 +1,43 @@
+"""The one model contract: a denoiser in the EDM ("VE", Karras) parametrization.
+
+    x = x0 + sigma * n,        D(x, sigma, **cond) -> estimate of x0,
+    dx/dsigma = (x - D(x, sigma)) / sigma.
+
+Any callable with that signature can be sampled.  Subclassing :class:`Denoiser` adds what a
+sampler wants to know without being told: the sigma range the model was trained on and the
+shape of one sample.  Model wrappers (EDM networks, diffusers pipelines, flow matching, the
+analytic Gaussian mixture) all subclass it; solvers never look past ``__call__``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+EDM_SIGMA_MIN = 0.002
+EDM_SIGMA_MAX = 80.0
+
+
+class Denoiser:
+    """Base class for denoisers ``D(x, sigma, **cond) -> x0``.
+
+    ``x`` has shape ``(batch, *shape)``; ``sigma`` is a tensor of shape ``(batch,)`` (one noise
+    level per sample) in the model's dtype and device.  Subclasses implement :meth:`denoise`.
+    """
+
+    sigma_min: float = EDM_SIGMA_MIN
+    sigma_max: float = EDM_SIGMA_MAX
+    shape: Optional[Tuple[int, ...]] = None
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        return self.denoise(x, sigma, **cond)
+
+
+def sigma_range(denoiser) -> Tuple[float, float]:
+    """The (sigma_min, sigma_max) a denoiser declares; EDM's (0.002, 80) for a plain callable."""
+    if isinstance(denoiser, Denoiser):
+        return float(denoiser.sigma_min), float(denoiser.sigma_max)
+    return EDM_SIGMA_MIN, EDM_SIGMA_MAX

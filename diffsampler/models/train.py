@@ -1,0 +1,412 @@
+"""Train a class-conditional, preconditioned U-Net denoiser on a small image dataset.
+
+Example (the bundled Fashion-MNIST model; see ``checkpoints/fashion-mnist/CARD.md``)::
+
+    python -m diffsampler.models.train --dataset fashion-mnist --steps 3600 --batch 128 \
+        --out checkpoints/fashion-mnist --minutes 70
+
+Training objective (EDM, Karras et al. 2022): draw ``ln(sigma) ~ N(P_mean, P_std^2)``
+(``P_mean = -1.2``, ``P_std = 1.2``), noise the data ``x = x0 + sigma * n`` and minimise
+``lambda(sigma) * |D(x, sigma, labels) - x0|^2`` with ``lambda(sigma) = 1 / c_out(sigma)^2``,
+which for EDM preconditioning is ``(sigma^2 + sigma_data^2) / (sigma * sigma_data)^2``.
+For the VE and VP families the noise-level distributions of their papers are used instead
+(log-uniform sigma in [0.02, 100], resp. uniform t in [1e-5, 1]).
+
+Features: Adam with a linear learning-rate warm-up, an exponential moving average (EMA) of the
+weights (what gets exported), label dropout (a row of zeros = "unconditional", so classifier-free
+guidance works), optional horizontal flips, a deterministic seed, ``torch.set_num_threads``
+(default 1), periodic atomic checkpoints (``train_state.pt``, written to a temporary file and
+moved into place with ``os.replace``) with automatic resume, and a wall-clock budget
+(``--minutes``) after which the run stops cleanly and exports what it has.
+
+Outputs in ``--out``: ``model.safetensors`` (EMA weights, float16 by default), ``config.json``
+(architecture and everything needed to rebuild the denoiser) and, while training is incomplete,
+``train_state.pt`` (removed when the requested number of steps is reached unless
+``--keep-state``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..datasets import DATASETS, FASHION_MNIST_CLASSES, load_dataset
+from .edm import EDMDenoiser, VPPrecond, loss_weight
+from .unet import UNet, UNetConfig, count_parameters
+
+STATE_FILE = "train_state.pt"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT = "diffsampler-edm-unet"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved in the checkpoint and in config.json)."""
+
+    dataset: str = "fashion-mnist"
+    out: str = "checkpoints/fashion-mnist"
+    steps: int = 1000
+    batch: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    adam_betas: Tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 0.0           # 0 = off
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    hflip: bool = False
+    precond: str = "edm"
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    seed: int = 0
+    threads: int = 1
+    minutes: Optional[float] = None  # wall-clock budget of this invocation
+    save_every: int = 250
+    log_every: int = 50
+    resume: bool = True
+    keep_state: bool = False
+    channels_last: bool = True
+    export_dtype: str = "float16"
+    limit: Optional[int] = None      # use only the first `limit` training examples
+    # architecture
+    base_channels: int = 16
+    channel_mult: Tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 1
+    attention_mid: bool = True
+    dropout: float = 0.0
+    groups: int = 8
+
+    def unet_config(self, image_size: int, in_channels: int, num_classes: int) -> UNetConfig:
+        return UNetConfig(
+            image_size=image_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            base_channels=self.base_channels,
+            channel_mult=tuple(self.channel_mult),
+            num_res_blocks=self.num_res_blocks,
+            attention_mid=self.attention_mid,
+            num_classes=num_classes,
+            dropout=self.dropout,
+            groups=self.groups,
+            noise_embedding="positional" if self.precond == "vp" else "fourier",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# loss
+# --------------------------------------------------------------------------------------------
+def sample_sigma(cfg: TrainConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Training noise levels for the configured preconditioning family."""
+    if cfg.precond == "edm":
+        return (cfg.p_mean + cfg.p_std * torch.randn(n, generator=generator)).exp()
+    if cfg.precond == "ve":
+        u = torch.rand(n, generator=generator)
+        return 0.02 * (100.0 / 0.02) ** u
+    if cfg.precond == "vp":
+        t = 1e-5 + (1 - 1e-5) * torch.rand(n, generator=generator)
+        return VPPrecond().t_to_sigma(t)
+    raise ValueError(f"unknown preconditioning {cfg.precond!r}")
+
+
+def denoising_loss(
+    denoiser: EDMDenoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+    class_labels: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mean over the batch of ``lambda(sigma) * mean_pixels |D(x0 + sigma n, sigma) - x0|^2``."""
+    x = x0 + sigma.reshape(-1, *([1] * (x0.ndim - 1))) * noise
+    d = denoiser(x, sigma, class_labels=class_labels)
+    w = loss_weight(denoiser.precond, sigma)
+    per_sample = (d - x0).square().flatten(1).mean(1)
+    return (w * per_sample).mean()
+
+
+def one_hot_with_dropout(labels: torch.Tensor, num_classes: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    onehot = F.one_hot(labels, num_classes).float()
+    if p > 0:
+        keep = (torch.rand(labels.shape[0], generator=generator) >= p).float()
+        onehot = onehot * keep[:, None]
+    return onehot
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+# --------------------------------------------------------------------------------------------
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def export_model(net: torch.nn.Module, out: Path, meta: Dict, dtype: str = "float16") -> Path:
+    """Write ``model.safetensors`` (weights cast to ``dtype``) and ``config.json`` atomically."""
+    from safetensors.torch import save
+
+    out.mkdir(parents=True, exist_ok=True)
+    tdtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tensors = {k: v.detach().to("cpu", tdtype).contiguous() for k, v in net.state_dict().items()}
+    blob = save(tensors, metadata={"format": FORMAT})
+    _atomic_write_bytes(out / WEIGHTS_FILE, blob)
+    meta = dict(meta)
+    meta["weights_dtype"] = dtype
+    meta["weights_sha256"] = hashlib.sha256(blob).hexdigest()
+    _atomic_write_bytes(out / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    return out / WEIGHTS_FILE
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {platform.system()}, torch {torch.__version__}"
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+def build_denoiser(cfg: TrainConfig, shape: Tuple[int, ...], num_classes: int) -> EDMDenoiser:
+    net = UNet(cfg.unet_config(shape[-1], shape[0], num_classes))
+    return EDMDenoiser(
+        net, precond=cfg.precond, sigma_data=cfg.sigma_data, sigma_min=cfg.sigma_min,
+        sigma_max=cfg.sigma_max, shape=shape, num_classes=num_classes,
+    )
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, quiet: bool = False) -> Dict:
+    """Run (or resume) training; returns ``{"steps", "losses", "seconds", "stopped_by_budget", "out"}``.
+
+    ``data`` overrides the dataset named in ``cfg`` (images in [-1, 1], int64 labels).
+    """
+    log = (lambda m: None) if quiet else _log
+    start_wall = time.time()
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if data is None:
+        images, labels = load_dataset(cfg.dataset, "train")
+    else:
+        images, labels = data
+    if cfg.limit:
+        images, labels = images[: cfg.limit], labels[: cfg.limit]
+    num_classes = DATASETS[cfg.dataset]["num_classes"] if cfg.dataset in DATASETS else int(labels.max()) + 1
+    shape = tuple(images.shape[1:])
+    n_data = images.shape[0]
+
+    denoiser = build_denoiser(cfg, shape, num_classes)
+    net = denoiser.net
+    memfmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    net.to(memory_format=memfmt)
+    denoiser.channels_last = cfg.channels_last
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, elapsed_before, losses = 0, 0.0, []
+
+    state_path = out / STATE_FILE
+    if cfg.resume and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["unet"] != net.config.to_dict():
+            raise ValueError(f"{state_path} was written for a different architecture; remove it or use --no-resume")
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step, elapsed_before, losses = state["step"], state["elapsed"], state["losses"]
+        log(f"resumed from {state_path} at step {step} ({elapsed_before / 60:.1f} min trained)")
+
+    n_params = count_parameters(net)
+    log(f"dataset {cfg.dataset}: {n_data} images of shape {shape}, {num_classes} classes; "
+        f"U-Net {n_params / 1e6:.3f}M parameters; {cfg.steps} steps of batch {cfg.batch}, "
+        f"{cfg.threads} thread(s)")
+
+    def meta(done_steps: int, seconds: float) -> Dict:
+        return {
+            "format": FORMAT,
+            "version": 1,
+            "architecture": "unet",
+            "unet": net.config.to_dict(),
+            "precond": cfg.precond,
+            "sigma_data": cfg.sigma_data,
+            "sigma_min": cfg.sigma_min,
+            "sigma_max": cfg.sigma_max,
+            "shape": list(shape),
+            "dataset": cfg.dataset,
+            "num_classes": num_classes,
+            "class_names": list(FASHION_MNIST_CLASSES) if cfg.dataset == "fashion-mnist" else [str(i) for i in range(num_classes)],
+            "data_range": [-1.0, 1.0],
+            "parameters": n_params,
+            "steps": done_steps,
+            "batch": cfg.batch,
+            "training_seconds": round(seconds, 1),
+            "machine": _machine(),
+            "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        }
+
+    def save_state(seconds: float) -> None:
+        _atomic_torch_save(
+            {
+                "step": step, "elapsed": seconds, "losses": losses,
+                "net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "unet": net.config.to_dict(), "train_config": asdict(cfg),
+            },
+            state_path,
+        )
+        export_model(ema, out, meta(step, seconds), cfg.export_dtype)
+
+    budget_s = cfg.minutes * 60 if cfg.minutes else math.inf
+    run_start = time.time()
+    stopped_by_budget = False
+    net.train()
+    t_log, loss_acc, n_acc = time.time(), 0.0, 0
+    ema_params = list(ema.parameters())
+    net_params = list(net.parameters())
+    while step < cfg.steps:
+        if time.time() - run_start >= budget_s:
+            stopped_by_budget = True
+            log(f"wall-clock budget of {cfg.minutes} min reached at step {step}")
+            break
+        idx = torch.randint(n_data, (cfg.batch,), generator=gen)
+        x0 = images[idx]
+        if cfg.hflip:
+            flip = torch.rand(cfg.batch, generator=gen) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        x0 = x0.contiguous(memory_format=memfmt) if x0.ndim == 4 else x0
+        y = one_hot_with_dropout(labels[idx], num_classes, cfg.label_dropout, gen)
+        sigma = sample_sigma(cfg, cfg.batch, gen)
+        noise = torch.randn(x0.shape, generator=gen).contiguous(memory_format=memfmt)
+
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = denoising_loss(denoiser, x0, sigma, noise, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in net_params:
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net_params, cfg.grad_clip)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, net_params, 1 - decay)
+        step += 1
+        lv = float(loss.detach())
+        losses.append(lv)
+        loss_acc, n_acc = loss_acc + lv, n_acc + 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            dt = (time.time() - t_log) / n_acc
+            elapsed = elapsed_before + time.time() - run_start
+            log(f"step {step}/{cfg.steps}  loss {loss_acc / n_acc:.4f}  lr {lr:.2e}  {dt:.3f} s/it  "
+                f"elapsed {elapsed / 60:.1f} min")
+            t_log, loss_acc, n_acc = time.time(), 0.0, 0
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            save_state(elapsed_before + time.time() - run_start)
+
+    seconds = elapsed_before + time.time() - run_start
+    finished = step >= cfg.steps
+    if finished and not cfg.keep_state:
+        export_model(ema, out, meta(step, seconds), cfg.export_dtype)
+        if state_path.exists():
+            state_path.unlink()
+    else:
+        save_state(seconds)
+    log(f"{'finished' if finished else 'stopped'} at step {step}; {seconds / 60:.1f} min of training; "
+        f"wrote {out / WEIGHTS_FILE}")
+    return {
+        "steps": step, "losses": losses, "seconds": seconds, "stopped_by_budget": stopped_by_budget,
+        "out": str(out), "wall_seconds": time.time() - start_wall,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+def _tuple_of_ints(s: str) -> Tuple[int, ...]:
+    return tuple(int(v) for v in s.replace(" ", "").split(",") if v)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m diffsampler.models.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default=d.dataset, choices=sorted(DATASETS))
+    p.add_argument("--out", default=None, help="output folder (default checkpoints/<dataset>)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--label-dropout", type=float, default=d.label_dropout)
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips (off by default)")
+    p.add_argument("--precond", default=d.precond, choices=["edm", "ve", "vp"])
+    p.add_argument("--sigma-data", type=float, default=d.sigma_data)
+    p.add_argument("--p-mean", type=float, default=d.p_mean)
+    p.add_argument("--p-std", type=float, default=d.p_std)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads, help="torch.set_num_threads (default 1)")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget of this run")
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--no-resume", dest="resume", action="store_false")
+    p.add_argument("--keep-state", action="store_true", help="keep train_state.pt after finishing")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--export-dtype", default=d.export_dtype, choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--base-channels", type=int, default=d.base_channels)
+    p.add_argument("--channel-mult", type=_tuple_of_ints, default=d.channel_mult, help="e.g. 1,2,4")
+    p.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks)
+    p.add_argument("--no-attention", dest="attention_mid", action="store_false")
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--groups", type=int, default=d.groups)
+    a = vars(p.parse_args(argv))
+    if a["out"] is None:
+        a["out"] = f"checkpoints/{a['dataset']}"
+    return TrainConfig(**a)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    cfg = parse_args(argv)
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

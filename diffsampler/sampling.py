@@ -1,0 +1,203 @@
+"""The one sampling loop: ``sample(denoiser, noise, solver=..., nfe=...)``.
+
+The loop owns everything solvers should not care about: the sigma grid (from ``nfe`` and a
+schedule, or explicit ``sigmas``), scaling the noise by ``sigma_max``, conditioning, dtype
+handling, NFE counting (measured at the model, not computed from a table), the analytical first
+step, the optional final denoising, callbacks and progress.
+
+Numbers: the solver arithmetic runs in float64 where the device has it (float32 on Apple MPS);
+the model sees ``noise.dtype``.  Non-finite model outputs are flagged on the device without a
+host sync per step and reported after the loop, naming the first bad step and its sigma.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import schedules as schedules_module
+from .models.base import sigma_range
+from .solvers import get_solver
+
+
+@dataclass
+class SampleResult:
+    """What ``sample`` returns, whatever the options."""
+
+    samples: torch.Tensor      # same shape, dtype and device as the noise
+    nfe: int                   # model evaluations actually made
+    sigmas: torch.Tensor       # the grid used (CPU float64, descending)
+    solver: str
+
+
+@dataclass
+class StepInfo:
+    """Passed to ``callback`` once per step."""
+
+    index: int
+    sigma: float
+    x: torch.Tensor
+    denoised: torch.Tensor
+    sigma_next: float
+    x_next: torch.Tensor
+
+
+class NonFiniteOutputError(FloatingPointError):
+    pass
+
+
+class Evaluator:
+    """The model as solvers see it: ``evaluate(x, sigma) -> denoised`` in the working dtype.
+
+    Passes the conditioning to every call, casts to the model dtype and back, counts calls and
+    records (on the device) whether an output was not finite.
+    """
+
+    def __init__(self, denoiser, cond: Dict[str, Any], model_dtype: torch.dtype, work_dtype: torch.dtype,
+                 batch: int, device: torch.device, max_calls: int):
+        self.denoiser, self.cond = denoiser, cond
+        self.model_dtype, self.work_dtype = model_dtype, work_dtype
+        self.batch, self.device = batch, device
+        self.calls = 0
+        self.step = 0                                  # set by the loop, for error messages
+        self.called_at: List[Tuple[int, float]] = []   # (step, sigma) of every call
+        self.bad = torch.zeros(max_calls, dtype=torch.bool, device=device)
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        sigma_t = torch.full((self.batch,), sigma, dtype=self.model_dtype, device=self.device)
+        out = self.denoiser(x.to(self.model_dtype), sigma_t, **self.cond)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the denoiser returned {got} for input of shape {tuple(x.shape)}; "
+                             "it must return an x0 estimate of the same shape")
+        if self.calls < len(self.bad):
+            self.bad[self.calls] = ~torch.isfinite(out).all()
+        self.calls += 1
+        self.called_at.append((self.step, sigma))
+        return out.to(self.work_dtype)
+
+
+def analytical_first_step(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """AFS (Dockhorn et al. 2022; used by AMED and GITS): at sigma_max the noisy sample is almost
+    pure noise, so the first direction is taken as ``d = x / sqrt(1 + sigma^2)`` without calling the
+    model; the matching denoised estimate is ``x - sigma * d``."""
+    return x - sigma / math.sqrt(1 + sigma ** 2) * x
+
+
+class _FirstCallAnalytic:
+    """An evaluator whose first call is the analytical first step (AFS) and the rest the model."""
+
+    def __init__(self, evaluate: Evaluator):
+        self.evaluate, self.used = evaluate, False
+
+    def __call__(self, x, sigma):
+        if self.used:
+            return self.evaluate(x, sigma)
+        self.used = True
+        return analytical_first_step(x, sigma)
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def resolve_grid(solver, nfe: Optional[int], schedule, schedule_options: Optional[dict],
+                 sigmas, sigma_min: float, sigma_max: float, afs: bool, denoise_to_zero: bool) -> torch.Tensor:
+    """The sigma grid for a request: explicit ``sigmas``, a fixed schedule, or nfe + schedule."""
+    fixed = None
+    if sigmas is not None:
+        if schedule is not None or schedule_options:
+            raise ValueError("give either sigmas= or schedule=, not both")
+        fixed = schedules_module.check_sigmas(sigmas)
+        schedule_fn = None
+    else:
+        if schedule is None:
+            schedule = solver.default_schedule
+            schedule_options = {**solver.default_schedule_options, **(schedule_options or {})}
+        fixed_schedule, schedule_fn = schedules_module.resolve(schedule, schedule_options)
+        fixed = None if fixed_schedule is None else fixed_schedule.sigmas
+    if fixed is not None:
+        implied = solver.num_evals(len(fixed) - 1, afs, denoise_to_zero)
+        if nfe is not None and nfe != implied:
+            raise ValueError(f"nfe={nfe} does not match the given grid: {len(fixed)} sigmas make {len(fixed) - 1} "
+                             f"steps, which cost {implied} evaluations with solver {solver.name!r} "
+                             f"({solver.nfe_rule()}); leave nfe out or change the grid")
+        return fixed
+    if nfe is None:
+        raise ValueError("give nfe= (number of model evaluations) or an explicit sigmas= grid")
+    num_steps = solver.steps_for_nfe(nfe, afs, denoise_to_zero)
+    return schedules_module.check_sigmas(schedule_fn(num_steps, sigma_min, sigma_max))
+
+
+def sample(denoiser: Callable, noise: torch.Tensor, solver="ipndm", nfe: Optional[int] = None,
+           schedule=None, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, *,
+           sigmas: Optional[Sequence[float]] = None, schedule_options: Optional[dict] = None,
+           cond: Optional[Dict[str, Any]] = None, afs: bool = False, denoise_to_zero: bool = False,
+           callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = False,
+           **solver_options) -> SampleResult:
+    """Solve the probability-flow ODE from ``sigma_max * noise`` down to ``sigma_min``.
+
+    Args:
+        denoiser: ``D(x, sigma, **cond) -> x0`` (EDM parametrization; sigma is a (batch,) tensor).
+        noise: standard normal tensor ``(batch, *shape)``; scaled by the grid's first sigma here.
+        solver: a registered solver name (see ``diffsampler list``) or a Solver instance.
+        nfe: model evaluations to spend (the solver's NFE rule picks the number of steps).
+        schedule: a schedule name, a :class:`~diffsampler.schedules.Schedule`, a schedule file, or a
+            function; default: the solver's recommended schedule.  Options in ``schedule_options``.
+        sigma_min, sigma_max: the grid's range; default: the denoiser's own (EDM's 0.002 and 80
+            for a plain callable).
+        sigmas: an explicit descending grid instead of ``nfe`` / ``schedule``.
+        cond: keyword arguments passed to every model call (labels, prompt embeddings, ...).
+        afs: analytical first step (saves the first model evaluation).
+        denoise_to_zero: finish with ``x = D(x, sigma_min)`` (one more evaluation).
+        callback: called with a :class:`StepInfo` after every step.
+        progress: show a tqdm progress bar.
+        **solver_options: the solver's dataclass fields, e.g. ``max_order=3``.
+    """
+    solver = get_solver(solver, **solver_options)
+    if not isinstance(noise, torch.Tensor) or noise.ndim < 2:
+        shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise must be a tensor of shape (batch, *sample_shape) with at least 2 dims, got {shape}")
+    if not noise.is_floating_point():
+        raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
+    default_min, default_max = sigma_range(denoiser)
+    sigma_min = default_min if sigma_min is None else float(sigma_min)
+    sigma_max = default_max if sigma_max is None else float(sigma_max)
+    grid = resolve_grid(solver, nfe, schedule, schedule_options, sigmas, sigma_min, sigma_max, afs, denoise_to_zero)
+    grid_list = tuple(float(s) for s in grid)
+    num_steps = len(grid_list) - 1
+
+    work_dtype = _work_dtype(noise.device)
+    expected = solver.num_evals(num_steps, afs, denoise_to_zero)
+    evaluate = Evaluator(denoiser, dict(cond or {}), noise.dtype, work_dtype, noise.shape[0], noise.device,
+                         max_calls=expected)
+    x = noise.to(work_dtype) * grid_list[0]
+    state = solver.init_state()
+    steps = range(num_steps)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=f"{solver.name} nfe={expected}", leave=False)
+    for i in steps:
+        evaluate.step = i
+        step_evaluate = _FirstCallAnalytic(evaluate) if (afs and i == 0) else evaluate
+        x_next, denoised, state = solver.step(step_evaluate, x, i, grid_list, state)
+        if callback is not None:
+            callback(StepInfo(i, grid_list[i], x, denoised, grid_list[i + 1], x_next))
+        x = x_next
+    if denoise_to_zero:
+        evaluate.step = num_steps
+        x = evaluate(x, grid_list[-1])
+    _raise_if_not_finite(evaluate)
+    return SampleResult(samples=x.to(noise.dtype), nfe=evaluate.calls, sigmas=grid, solver=solver.name)
+
+
+def _raise_if_not_finite(evaluate: Evaluator) -> None:
+    bad = evaluate.bad[: evaluate.calls]
+    if bool(bad.any()):
+        call = int(bad.nonzero()[0])
+        step, sigma = evaluate.called_at[call]
+        raise NonFiniteOutputError(
+            f"the model returned NaN or Inf at step {step} (sigma={sigma:.6g}, model evaluation {call + 1} "
+            f"of {evaluate.calls}); check the model and its input range")
