@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import schedules as schedules_module
-from .models.base import sigma_range
+from .models.base import check_sample_shape, sigma_range
 from .solvers import get_solver
 
 
@@ -162,6 +162,7 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver="ipndm", nfe: Optiona
         raise ValueError(f"noise must be a tensor of shape (batch, *sample_shape) with at least 2 dims, got {shape}")
     if not noise.is_floating_point():
         raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
+    check_sample_shape(denoiser, noise.shape)
     default_min, default_max = sigma_range(denoiser)
     sigma_min = default_min if sigma_min is None else float(sigma_min)
     sigma_max = default_max if sigma_max is None else float(sigma_max)

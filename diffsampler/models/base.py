@@ -41,3 +41,11 @@ def sigma_range(denoiser) -> Tuple[float, float]:
     if isinstance(denoiser, Denoiser):
         return float(denoiser.sigma_min), float(denoiser.sigma_max)
     return EDM_SIGMA_MIN, EDM_SIGMA_MAX
+
+
+def check_sample_shape(denoiser, noise_shape) -> None:
+    """Refuse noise whose per-sample shape differs from the one the denoiser declares."""
+    if isinstance(denoiser, Denoiser) and denoiser.shape is not None:
+        if tuple(noise_shape[1:]) != tuple(denoiser.shape):
+            raise ValueError(f"noise has sample shape {tuple(noise_shape[1:])} but the model expects "
+                             f"{tuple(denoiser.shape)} (noise must be (batch, *{tuple(denoiser.shape)}))")

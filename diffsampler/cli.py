@@ -1,0 +1,162 @@
+"""Command line: ``diffsampler sample | list`` (also ``python -m diffsampler``)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from . import __version__
+from .fileio import write_atomic
+from .images import grid, png_bytes, save_png, to_uint8
+from .models.specs import DEFAULT_MODEL, load_model
+from .models.base import sigma_range
+from .sampling import resolve_grid, sample
+from .schedules import SCHEDULES, Schedule
+from .seeds import parse_seeds, seed_noise
+from .solvers import SOLVERS, get_solver
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _parse_value(text: str):
+    """Solver/schedule option values: numbers, booleans, or strings."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse_options(pairs, flag):
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=flag)
+        options[key.replace("-", "_")] = _parse_value(value)
+    return options
+
+
+def _parse_sigmas(text):
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint="--sigmas") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="diffsampler")
+def main():
+    """Fast sampling of diffusion models by solving their probability-flow ODE."""
+
+
+@main.command("list")
+def list_command():
+    """List the solvers (order, NFE rule, default schedule) and the schedules."""
+    click.echo("Solvers:")
+    for name, cls in SOLVERS.items():
+        solver = cls()
+        schedule = cls.default_schedule + "".join(f" {k}={v}" for k, v in cls.default_schedule_options.items())
+        click.echo(f"  {name:<9} order {solver.order}  {cls.nfe_rule():<38} schedule: {schedule:<20} {cls.summary}")
+    click.echo("Schedules:")
+    for name, fn in SCHEDULES.items():
+        click.echo(f"  {name:<15} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    click.echo("  (or a schedule file: JSON written by `diffsampler schedule` or Schedule.save)")
+
+
+@main.command("sample")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Model spec: digits, gmm:digits[:STD], gmm:synthetic:K:CxHxW[:SEED], ...")
+@click.option("--solver", type=click.Choice(list(SOLVERS)), default="ipndm", show_default=True)
+@click.option("--nfe", type=click.IntRange(min=1), default=None, help="Model evaluations per sample (default 10).")
+@click.option("--schedule", default=None,
+              help=f"Schedule name ({', '.join(SCHEDULES)}) or schedule file; default: the solver's own.")
+@click.option("--schedule-option", "schedule_option", multiple=True, metavar="KEY=VALUE",
+              help="Schedule parameter, e.g. rho=5 (repeatable).")
+@click.option("--sigmas", default=None, help="Explicit descending grid, e.g. 80,10.9,1.6,0.2,0.002 (replaces --nfe/--schedule).")
+@click.option("--sigma-min", type=float, default=None, help="Default: the model's.")
+@click.option("--sigma-max", type=float, default=None, help="Default: the model's.")
+@click.option("--max-order", type=int, default=None, help="Multistep order (solvers that have one).")
+@click.option("--option", "solver_option", multiple=True, metavar="KEY=VALUE",
+              help="Other solver option, e.g. r=0.5 or variant=bh1 (repeatable).")
+@click.option("--afs/--no-afs", default=False, show_default=True, help="Analytical first step (saves one evaluation).")
+@click.option("--denoise-to-zero/--no-denoise-to-zero", default=False, show_default=True)
+@click.option("--seeds", default="0-63", show_default=True, help="Seeds: ranges and lists, e.g. 0-63 or 1,5,10-20.")
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--grid/--no-grid", "write_grid", default=True, show_default=True, help="Also write grid.png.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
+              help="Dtype the model sees (solver arithmetic is float64 where the device has it).")
+def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_min, sigma_max, max_order,
+                   solver_option, afs, denoise_to_zero, seeds, batch, outdir, write_grid, device, dtype):
+    """Sample images, one PNG per seed (in subfolders of 1000), plus a grid."""
+    try:
+        seed_list = parse_seeds(seeds)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--seeds") from None
+    options = _parse_options(solver_option, "--option")
+    if max_order is not None:
+        options["max_order"] = max_order
+    schedule_options = _parse_options(schedule_option, "--schedule-option")
+    grid_sigmas = _parse_sigmas(sigmas) if sigmas is not None else None
+    if grid_sigmas is None and nfe is None:
+        nfe = 10
+    try:
+        solver_obj = get_solver(solver, **options)
+        denoiser = load_model(model)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    if denoiser.shape is None:
+        raise click.UsageError(f"model {model!r} does not declare its sample shape")
+    if device != "cpu":
+        denoiser = denoiser.to(device)
+    model_min, model_max = sigma_range(denoiser)
+    try:
+        used_sigmas = resolve_grid(solver_obj, nfe, schedule, schedule_options or None, grid_sigmas,
+                                   model_min if sigma_min is None else sigma_min,
+                                   model_max if sigma_max is None else sigma_max, afs, denoise_to_zero)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.UsageError(str(err)) from None
+    nfe_used = solver_obj.num_evals(len(used_sigmas) - 1, afs, denoise_to_zero)
+    request = dict(solver=solver_obj, sigmas=used_sigmas, afs=afs, denoise_to_zero=denoise_to_zero)
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths = {s: outdir / f"{s - s % 1000:06d}" / f"{s:06d}.png" for s in seed_list}
+    todo = [s for s in seed_list if not paths[s].exists()]
+    settings = {"model": model, "solver": solver, "solver_options": options,
+                "schedule": "explicit sigmas" if grid_sigmas else (schedule or solver_obj.default_schedule),
+                "schedule_options": schedule_options,
+                "afs": afs, "denoise_to_zero": denoise_to_zero, "sigmas": [float(s) for s in used_sigmas],
+                "nfe": nfe_used, "dtype": dtype, "diffsampler_version": __version__}
+    write_atomic(outdir / "settings.json", json.dumps(settings, indent=2).encode() + b"\n")
+    start = time.perf_counter()
+    with click.progressbar(length=len(seed_list), label="sampling", show_pos=True) as bar:
+        bar.update(len(seed_list) - len(todo))
+        for k in range(0, len(todo), batch):
+            chunk = todo[k:k + batch]
+            noise = seed_noise(chunk, denoiser.shape, dtype=DTYPES[dtype], device=device)
+            result = sample(denoiser, noise, **request)
+            assert result.nfe == nfe_used, (result.nfe, nfe_used)
+            for seed, pixels in zip(chunk, to_uint8(result.samples)):
+                save_png(paths[seed], pixels)
+            bar.update(len(chunk))
+    elapsed = time.perf_counter() - start
+    if write_grid:
+        from PIL import Image
+        import numpy as np
+        shown = [np.array(Image.open(paths[s])) for s in seed_list[:256]]
+        shown = np.stack([p if p.ndim == 3 else p[..., None] for p in shown])
+        write_atomic(outdir / "grid.png", png_bytes(grid(shown)))
+    click.echo(f"{len(seed_list)} images in {outdir} ({len(todo)} new, {len(seed_list) - len(todo)} already there); "
+               f"NFE per image {nfe_used}; {elapsed:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

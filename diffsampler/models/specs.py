@@ -1,0 +1,65 @@
+"""Model specs: the strings ``--model`` accepts, turned into denoisers.
+
+    digits                      the optimal denoiser of scikit-learn's 8x8 digits (default for now)
+    gmm:digits[:STD]            the same, as a kernel density estimate with bandwidth STD (default 0)
+    gmm:fashion-mnist[:STD]     the same for Fashion-MNIST's training split (needs the dataset)
+    gmm:synthetic:K:CxHxW[:SEED]  K random isotropic Gaussians in C x H x W (stds 0.1-0.4)
+
+Later model families (trained networks, EDM pickles, diffusers folders) add their prefixes here.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+from .gmm import GaussianMixture
+
+DEFAULT_MODEL = "digits"
+
+
+def _dataset_kde(name: str, arg: str) -> GaussianMixture:
+    from ..datasets import load_dataset
+    std = float(arg) if arg else 0.0
+    images, _ = load_dataset(name, split="all" if name == "digits" else "train")
+    return GaussianMixture.from_data(images, std=std)
+
+
+def _synthetic(arg: str) -> GaussianMixture:
+    parts = arg.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError("gmm:synthetic needs K:CxHxW[:SEED], e.g. gmm:synthetic:10:3x32x32")
+    k, shape = int(parts[0]), tuple(int(s) for s in parts[1].lower().split("x"))
+    gen = torch.Generator().manual_seed(int(parts[2]) if len(parts) == 3 else 0)
+    means = 0.5 * torch.randn(k, *shape, dtype=torch.float64, generator=gen)
+    stds = 0.1 + 0.3 * torch.rand(k, dtype=torch.float64, generator=gen)
+    return GaussianMixture(means, stds=stds)
+
+
+def _gmm(arg: str) -> GaussianMixture:
+    kind, _, rest = arg.partition(":")
+    if kind == "synthetic":
+        return _synthetic(rest)
+    if kind in ("digits", "fashion-mnist"):
+        return _dataset_kde(kind, rest)
+    raise ValueError(f"unknown Gaussian-mixture spec gmm:{arg}: use gmm:digits[:STD], gmm:fashion-mnist[:STD] "
+                     "or gmm:synthetic:K:CxHxW[:SEED]")
+
+
+NAMED: Dict[str, Callable[[], object]] = {
+    "digits": lambda: _dataset_kde("digits", ""),
+}
+PREFIXES: Dict[str, Callable[[str], object]] = {
+    "gmm": _gmm,
+}
+
+
+def load_model(spec: str = DEFAULT_MODEL):
+    """The denoiser a model spec names (see the module docstring for the forms)."""
+    if spec in NAMED:
+        return NAMED[spec]()
+    prefix, sep, arg = spec.partition(":")
+    if sep and prefix in PREFIXES:
+        return PREFIXES[prefix](arg)
+    raise ValueError(f"unknown model {spec!r}: use one of {', '.join(NAMED)}, or "
+                     f"{', '.join(p + ':...' for p in PREFIXES)}")

@@ -1,0 +1,35 @@
+"""Seeds: parsing ``0-63`` / ``1,5,10-20`` and drawing each sample's noise from its own seed.
+
+Every sample's noise comes from a generator seeded with that sample's seed (on the CPU, in
+float64), so an image depends only on its seed: not on the batch size, the order, the device or
+the number of processes.
+"""
+from __future__ import annotations
+
+import re
+from typing import List, Sequence, Tuple
+
+import torch
+
+
+def parse_seeds(text: str) -> List[int]:
+    """``"0-3,10"`` -> [0, 1, 2, 3, 10] (ranges inclusive; duplicates rejected)."""
+    seeds: List[int] = []
+    for part in str(text).split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise ValueError(f"cannot read seeds {text!r}: use non-negative integers and ranges, e.g. 0-63 or 1,5,10-20")
+        lo = int(match[1])
+        hi = int(match[2]) if match[2] is not None else lo
+        if hi < lo:
+            raise ValueError(f"seed range {part.strip()!r} is empty: write low-high with low <= high")
+        seeds.extend(range(lo, hi + 1))
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds {text!r} list a seed more than once")
+    return seeds
+
+
+def seed_noise(seeds: Sequence[int], shape: Tuple[int, ...], dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Standard normal noise (len(seeds), *shape), one generator per seed."""
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds]
+    return torch.stack(rows).to(device=device, dtype=dtype)
