@@ -3,6 +3,9 @@ import torch
 
 from diffsampler import GaussianMixture
 
+# The tests run many tiny tensor ops: one thread avoids thread-pool overhead on small CI machines.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():

@@ -1,8 +1,10 @@
 """Dynamic thresholding (Saharia et al. 2022, Imagen) as an explicit, opt-in denoiser wrapper.
 
-Per sample, s = max(1, quantile(|D(x, sigma)|, ratio)) and the estimate becomes
-clamp(D, -s, s) / s * max_value.  It assumes data in [-max_value, max_value]; on data outside that
-range it biases every step, which is why no solver applies it on its own.
+With m = max_value, per sample s = max(1, quantile(|D(x, sigma)|, ratio) / m) and the estimate
+becomes clamp(D, -s m, s m) / s: estimates already inside [-m, m] are unchanged, others are
+clamped and shrunk back into the range.  It assumes data in [-m, m]; on data outside that range it
+biases every step, which is why no solver applies it on its own.  (diffusers' ``sample_max_value``
+is a different knob: an upper limit on s.)
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ class DynamicThresholding(Denoiser):
     def denoise(self, x, sigma, **cond):
         denoised = self.inner(x, sigma, **cond)
         flat = denoised.reshape(denoised.shape[0], -1)
-        s = torch.quantile(flat.abs().float(), self.ratio, dim=1).to(denoised.dtype)
+        exact = flat.abs() if flat.dtype in (torch.float32, torch.float64) else flat.abs().float()
+        s = torch.quantile(exact, self.ratio, dim=1).to(denoised.dtype)
         s = torch.clamp(s / self.max_value, min=1.0).reshape(-1, *([1] * (denoised.ndim - 1)))
         return torch.clamp(denoised, -s * self.max_value, s * self.max_value) / s
