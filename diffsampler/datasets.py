@@ -11,6 +11,7 @@ Every loader returns ``(images, labels)``: ``images`` is a float32 tensor of sha
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -111,17 +112,23 @@ def load_fashion_mnist(
     return x, y
 
 
+@functools.lru_cache(maxsize=1)
+def _sklearn_digits() -> Tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    d = _sk_load_digits()
+    return d.images, d.target
+
+
 def load_digits(split: str = "all", test_fraction: float = 0.2) -> Tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 8x8 digits as ``(images (N,1,8,8) in [-1,1], labels (N,) int64)``.
 
     ``split`` is ``"all"`` (1797 images), ``"train"`` or ``"test"`` (a fixed, unshuffled split
     with the last ``test_fraction`` of the data as test).
     """
-    from sklearn.datasets import load_digits as _sk_load_digits
-
-    d = _sk_load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32)).unsqueeze(1) / 8.0 - 1.0
-    y = torch.from_numpy(d.target.astype(np.int64))
+    images, target = _sklearn_digits()
+    x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1) / 8.0 - 1.0
+    y = torch.from_numpy(target.astype(np.int64))
     n_test = int(round(len(y) * test_fraction))
     if split == "all":
         return x, y

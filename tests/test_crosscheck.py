@@ -499,8 +499,7 @@ def test_dynamic_thresholding_is_the_imagen_formula(ratio):
 
 def test_dynamic_thresholding_max_value_rescales_the_unit_range():
     """max_value = m treats [-m, m] as the data range: the result is m * (Imagen formula on x0 / m), so
-    values already inside [-m, m] pass unchanged.  (The module docstring's "clamp(D, -s, s) / s *
-    max_value" with s = max(1, quantile) would instead multiply in-range data by m.)"""
+    values already inside [-m, m] pass unchanged."""
     x0 = thresholding_inputs()
     m = 2.5
     wrapped = DynamicThresholding(lambda x, sigma: x0.clone(), ratio=0.9, max_value=m)

@@ -206,7 +206,11 @@ def _log(msg: str) -> None:
 
 
 def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, quiet: bool = False) -> Dict:
-    """Run (or resume) training; returns ``{"steps", "losses", "seconds", "stopped_by_budget", "out"}``.
+    """Run (or resume) training.
+
+    Returns ``{"steps", "losses", "seconds", "stopped_by_budget", "out", "wall_seconds",
+    "net", "ema", "denoiser"}`` (``net`` the trained weights, ``ema`` their moving average -- the
+    exported model -- and ``denoiser`` the preconditioned wrapper around ``net``).
 
     ``data`` overrides the dataset named in ``cfg`` (images in [-1, 1], int64 labels).
     """
@@ -353,6 +357,7 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
     return {
         "steps": step, "losses": losses, "seconds": seconds, "stopped_by_budget": stopped_by_budget,
         "out": str(out), "wall_seconds": time.time() - start_wall,
+        "net": net, "ema": ema, "denoiser": denoiser,
     }
 
 
