@@ -13,8 +13,9 @@ from .fileio import write_atomic
 from .images import grid, png_bytes, save_png, to_uint8
 from .models.specs import DEFAULT_MODEL, load_model
 from .models.base import sigma_range
-from .sampling import resolve_grid, sample
+from .sampling import check_schedule_fits, resolve_grid, sample
 from .schedules import SCHEDULES, Schedule
+from .schedules import resolve as resolve_schedule
 from .seeds import parse_seeds, seed_noise
 from .solvers import SOLVERS, get_solver
 
@@ -86,7 +87,8 @@ def list_command():
 @click.option("--max-order", type=int, default=None, help="Multistep order (solvers that have one).")
 @click.option("--option", "solver_option", multiple=True, metavar="KEY=VALUE",
               help="Other solver option, e.g. r=0.5 or variant=bh1 (repeatable).")
-@click.option("--afs/--no-afs", default=False, show_default=True, help="Analytical first step (saves one evaluation).")
+@click.option("--afs/--no-afs", default=None,
+              help="Analytical first step (saves one evaluation). Default: off, or what a schedule file records.")
 @click.option("--denoise-to-zero/--no-denoise-to-zero", default=False, show_default=True)
 @click.option("--seeds", default="0-63", show_default=True, help="Seeds: ranges and lists, e.g. 0-63 or 1,5,10-20.")
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
@@ -98,6 +100,7 @@ def list_command():
 def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_min, sigma_max, max_order,
                    solver_option, afs, denoise_to_zero, seeds, batch, outdir, write_grid, device, dtype):
     """Sample images, one PNG per seed (in subfolders of 1000), plus a grid."""
+    schedule_arg = schedule
     try:
         seed_list = parse_seeds(seeds)
     except ValueError as err:
@@ -107,15 +110,22 @@ def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_
         options["max_order"] = max_order
     schedule_options = _parse_options(schedule_option, "--schedule-option")
     grid_sigmas = _parse_sigmas(sigmas) if sigmas is not None else None
-    if grid_sigmas is None and nfe is None:
-        nfe = 10
     try:
         solver_obj = get_solver(solver, **options)
         denoiser = load_model(model)
-    except ValueError as err:
+        if denoiser.shape is None:
+            raise ValueError(f"model {model!r} does not declare its sample shape")
+        fixed = resolve_schedule(schedule)[0] if schedule is not None and not schedule_options else None
+        if fixed is not None:
+            check_schedule_fits(fixed, denoiser, (1, *denoiser.shape))
+            schedule = fixed
+            if afs is None:
+                afs = bool(fixed.info.get("afs", False))
+    except (ValueError, FileNotFoundError) as err:
         raise click.UsageError(str(err)) from None
-    if denoiser.shape is None:
-        raise click.UsageError(f"model {model!r} does not declare its sample shape")
+    afs = bool(afs)
+    if grid_sigmas is None and fixed is None and nfe is None:
+        nfe = 10
     if device != "cpu":
         denoiser = denoiser.to(device)
     model_min, model_max = sigma_range(denoiser)
@@ -131,7 +141,7 @@ def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_
     paths = {s: outdir / f"{s - s % 1000:06d}" / f"{s:06d}.png" for s in seed_list}
     todo = [s for s in seed_list if not paths[s].exists()]
     settings = {"model": model, "solver": solver, "solver_options": options,
-                "schedule": "explicit sigmas" if grid_sigmas else (schedule or solver_obj.default_schedule),
+                "schedule": "explicit sigmas" if grid_sigmas else (str(schedule_arg) if schedule_arg else solver_obj.default_schedule),
                 "schedule_options": schedule_options,
                 "afs": afs, "denoise_to_zero": denoise_to_zero, "sigmas": [float(s) for s in used_sigmas],
                 "nfe": nfe_used, "dtype": dtype, "diffsampler_version": __version__}
@@ -156,6 +166,65 @@ def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_
         write_atomic(outdir / "grid.png", png_bytes(grid(shown)))
     click.echo(f"{len(seed_list)} images in {outdir} ({len(todo)} new, {len(seed_list) - len(todo)} already there); "
                f"NFE per image {nfe_used}; {elapsed:.1f} s")
+
+
+@main.group("schedule")
+def schedule_group():
+    """Optimize (GITS) and inspect schedule files."""
+
+
+@schedule_group.command("gits")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model spec (as for sample).")
+@click.option("--solver", type=click.Choice(list(SOLVERS)), default="ipndm", show_default=True,
+              help="The solver the schedule is tuned for.")
+@click.option("--nfe", type=click.IntRange(min=1), required=True)
+@click.option("--afs/--no-afs", default=False, show_default=True, help="Tune for sampling with an analytical first step.")
+@click.option("--coeff", type=float, default=1.15, show_default=True, help="DP coefficient on the remaining-path cost.")
+@click.option("--metric", type=click.Choice(["l2", "l1", "dev"]), default="l2", show_default=True)
+@click.option("--teacher", type=click.Choice(list(SOLVERS)), default="ipndm", show_default=True)
+@click.option("--teacher-steps", type=click.IntRange(min=2), default=60, show_default=True,
+              help="Intervals of the teacher grid (61 points by default).")
+@click.option("--base-schedule", default="polynomial", show_default=True, help="Schedule the teacher grid is taken from.")
+@click.option("--warmup", type=click.IntRange(min=1), default=256, show_default=True, help="Warm-up trajectories.")
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-order", type=int, default=None, help="Student solver order (solvers that have one).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Schedule file to write (JSON).")
+def schedule_gits(model, solver, nfe, afs, coeff, metric, teacher, teacher_steps, base_schedule, warmup, batch,
+                  max_order, device, out):
+    """Fit a GITS schedule to a model (dynamic programming over its own teacher trajectories)."""
+    from .gits import optimize_schedule
+    try:
+        denoiser = load_model(model)
+        if device != "cpu":
+            denoiser = denoiser.to(device)
+        schedule = optimize_schedule(
+            denoiser, denoiser.shape, nfe=nfe, solver=solver, afs=afs, coeff=coeff, metric=metric, teacher=teacher,
+            teacher_steps=teacher_steps, base_schedule=base_schedule, warmup=warmup, batch=batch, device=device,
+            model_name=model, progress=True, solver_options={"max_order": max_order} if max_order else None)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    schedule.save(out)
+    t = schedule.info["timings"]
+    click.echo(f"wrote {out}: {solver} at NFE {nfe}{' with AFS' if afs else ''}, {len(schedule.sigmas)} sigmas "
+               f"(teacher {t['teacher_s']:.1f} s, cost matrix {t['cost_matrix_s']:.1f} s, DP {1000 * t['dp_s']:.1f} ms)")
+    click.echo(str(schedule))
+
+
+@schedule_group.command("show")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--plain", is_flag=True, help="Print only the comma-separated sigmas (for diffusers sigmas= / ComfyUI).")
+def schedule_show(path, plain):
+    """Print a schedule file: how it was made, then the sigmas as a plain list."""
+    try:
+        schedule = Schedule.load(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.UsageError(str(err)) from None
+    if not plain:
+        for key, value in schedule.info.items():
+            click.echo(f"{key}: {value}")
+        click.echo("sigmas:")
+    click.echo(str(schedule))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import schedules as schedules_module
-from .models.base import check_sample_shape, sigma_range
+from .models.base import Denoiser, check_sample_shape, sigma_range
 from .solvers import get_solver
 
 
@@ -134,7 +134,7 @@ def resolve_grid(solver, nfe: Optional[int], schedule, schedule_options: Optiona
 def sample(denoiser: Callable, noise: torch.Tensor, solver="ipndm", nfe: Optional[int] = None,
            schedule=None, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, *,
            sigmas: Optional[Sequence[float]] = None, schedule_options: Optional[dict] = None,
-           cond: Optional[Dict[str, Any]] = None, afs: bool = False, denoise_to_zero: bool = False,
+           cond: Optional[Dict[str, Any]] = None, afs: Optional[bool] = None, denoise_to_zero: bool = False,
            callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = False,
            **solver_options) -> SampleResult:
     """Solve the probability-flow ODE from ``sigma_max * noise`` down to ``sigma_min``.
@@ -150,7 +150,8 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver="ipndm", nfe: Optiona
             for a plain callable).
         sigmas: an explicit descending grid instead of ``nfe`` / ``schedule``.
         cond: keyword arguments passed to every model call (labels, prompt embeddings, ...).
-        afs: analytical first step (saves the first model evaluation).
+        afs: analytical first step (saves the first model evaluation); default: what a schedule
+            file records (GITS schedules tuned with AFS), otherwise False.
         denoise_to_zero: finish with ``x = D(x, sigma_min)`` (one more evaluation).
         callback: called with a :class:`StepInfo` after every step.
         progress: show a tqdm progress bar.
@@ -164,6 +165,14 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver="ipndm", nfe: Optiona
         raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
     check_sample_shape(denoiser, noise.shape)
     default_min, default_max = sigma_range(denoiser)
+    if sigmas is None and schedule is not None and not schedule_options:
+        fixed_schedule, _ = schedules_module.resolve(schedule)
+        if fixed_schedule is not None:
+            check_schedule_fits(fixed_schedule, denoiser, noise.shape)
+            if afs is None:
+                afs = bool(fixed_schedule.info.get("afs", False))
+            schedule = fixed_schedule
+    afs = bool(afs)
     sigma_min = default_min if sigma_min is None else float(sigma_min)
     sigma_max = default_max if sigma_max is None else float(sigma_max)
     grid = resolve_grid(solver, nfe, schedule, schedule_options, sigmas, sigma_min, sigma_max, afs, denoise_to_zero)
@@ -192,6 +201,19 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver="ipndm", nfe: Optiona
         x = evaluate(x, grid_list[-1])
     _raise_if_not_finite(evaluate)
     return SampleResult(samples=x.to(noise.dtype), nfe=evaluate.calls, sigmas=grid, solver=solver.name)
+
+
+def check_schedule_fits(schedule: "schedules_module.Schedule", denoiser, noise_shape) -> None:
+    """Refuse a schedule file made for another sample shape or outside the model's sigma range."""
+    made_for = schedule.info.get("shape")
+    if made_for is not None and tuple(made_for) != tuple(noise_shape[1:]):
+        raise ValueError(f"this schedule was made for samples of shape {tuple(made_for)}, not {tuple(noise_shape[1:])}; "
+                         "make one for this model (diffsampler schedule gits ...)")
+    if isinstance(denoiser, Denoiser):
+        lo, hi = float(schedule.sigmas[-1]), float(schedule.sigmas[0])
+        if hi > denoiser.sigma_max * (1 + 1e-6) or lo < denoiser.sigma_min * (1 - 1e-6):
+            raise ValueError(f"this schedule spans sigma {lo:g}..{hi:g}, outside the model's range "
+                             f"{denoiser.sigma_min:g}..{denoiser.sigma_max:g}; it was made for another model")
 
 
 def _raise_if_not_finite(evaluate: Evaluator) -> None:

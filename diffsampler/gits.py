@@ -1,0 +1,266 @@
+"""GITS: time schedules fitted to a model by dynamic programming over its own trajectories.
+
+Chen et al., "On the Trajectory Regularity of ODE-based Diffusion Sampling" (ICML 2024).  Sampling
+trajectories of one model share a regular shape, so a schedule fitted on a few hundred warm-up
+trajectories transfers to all samples:
+
+1. Teacher: a solver (default iPNDM) on a fine grid of the base schedule (default 61 points of
+   polynomial rho=7) records the state x_i and the direction d_i = (x_i - D(x_i, sigma_i)) / sigma_i
+   at every grid point, for ``warmup`` seeds.
+2. Cost matrix: C[i, j] (i < j) is the batch mean of the distance between one Euler step from
+   teacher point i to sigma_j, ``x_i + (sigma_j - sigma_i) d_i``, and the teacher point x_j.
+   Metrics: ``l2`` and ``l1`` norms, and ``dev``: the step's deviation from the straight line
+   through the trajectory's start and end, minus the teacher's own deviation at j.
+3. Dynamic programming: K steps from point 0 to the last point minimizing
+   ``C[p0, p1] + coeff * C[p1, p2] + coeff^2 * C[p2, p3] + ...`` (the paper's coefficient on the
+   remaining-path cost), solved with back-pointers.
+4. AFS: with an analytical first step the first interval is free, so one more point is inserted
+   between the first two, chosen by the student's endpoint distance to the teacher's.
+
+The pure parts (:func:`cost_matrix`, :func:`dp_schedule`, :func:`dp_schedules`) work on tensors;
+:func:`optimize_schedule` runs the whole search for any denoiser and returns a
+:class:`~diffsampler.schedules.Schedule` that ``sample(schedule=...)`` accepts and ``.save()`` writes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import __version__
+from . import schedules as schedules_module
+from .models.base import sigma_range
+from .sampling import sample
+from .seeds import seed_noise
+from .solvers import get_solver
+
+METRICS = ("l2", "l1", "dev")
+
+
+@dataclass
+class Teacher:
+    """Teacher trajectories: ``states`` (T+1, B, ...) at every grid point, ``directions`` (T, B, ...)."""
+
+    sigmas: torch.Tensor
+    states: torch.Tensor
+    directions: torch.Tensor
+
+
+def teacher_trajectories(denoiser, noise: torch.Tensor, sigmas, solver="ipndm", cond=None, **solver_options) -> Teacher:
+    """Run the teacher on the fine grid ``sigmas`` and record states and directions (float64)."""
+    states, directions = [], []
+
+    def record(step):
+        states.append(step.x.to(torch.float64))
+        directions.append(((step.x - step.denoised) / step.sigma).to(torch.float64))
+
+    result = sample(denoiser, noise, solver=solver, sigmas=sigmas, cond=cond, callback=record, **solver_options)
+    states.append(result.samples.to(torch.float64) if result.samples.dtype != torch.float64 else result.samples)
+    return Teacher(schedules_module.check_sigmas(sigmas), torch.stack(states), torch.stack(directions))
+
+
+def _deviation(points: torch.Tensor, start: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """Distance of ``points`` (..., B, D) from the line through ``start`` (B, D) along ``unit`` (B, D)."""
+    rel = points - start
+    along = (rel * unit).sum(-1, keepdim=True)
+    return (rel - along * unit).norm(dim=-1)
+
+
+def cost_matrix(states: torch.Tensor, directions: torch.Tensor, sigmas, metric: str = "l2",
+                reduction: str = "mean", max_elements: int = 2 ** 25) -> torch.Tensor:
+    """The (T+1, T+1) float64 cost matrix of one-step Euler jumps between teacher points.
+
+    ``C[i, j]`` for i < j is the ``reduction`` over the batch of the metric of
+    ``x_i + (sigma_j - sigma_i) d_i`` against ``x_j``; entries with j <= i are +inf.  Batched over
+    seeds and target points, chunked so at most ``max_elements`` values are formed at once;
+    ``reduction="sum"`` lets callers accumulate over batches and processes.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    n, batch = states.shape[0], states.shape[1]
+    if directions.shape[0] != n - 1 or len(sigmas) != n:
+        raise ValueError(f"need T+1 states, T directions and T+1 sigmas, got {n}, {directions.shape[0]}, {len(sigmas)}")
+    x = states.reshape(n, batch, -1).to(torch.float64)
+    d = directions.reshape(n - 1, batch, -1).to(torch.float64)
+    sig = torch.as_tensor(sigmas, dtype=torch.float64, device=x.device)
+    cost = torch.full((n, n), float("inf"), dtype=torch.float64, device=x.device)
+    if metric == "dev":
+        start, end = x[0], x[-1]
+        unit = (end - start) / (end - start).norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        teacher_dev = _deviation(x, start, unit)            # (T+1, B)
+    chunk = max(1, max_elements // max(1, x[0].numel()))
+    for i in range(n - 1):
+        for lo in range(i + 1, n, chunk):
+            hi = min(n, lo + chunk)
+            step = (sig[lo:hi] - sig[i])[:, None, None]
+            jumped = x[i][None] + step * d[i][None]          # (hi-lo, B, D)
+            if metric == "l2":
+                per_sample = (jumped - x[lo:hi]).norm(dim=-1)
+            elif metric == "l1":
+                per_sample = (jumped - x[lo:hi]).abs().sum(-1)
+            else:
+                per_sample = _deviation(jumped, start, unit) - teacher_dev[lo:hi]
+            cost[i, lo:hi] = per_sample.sum(1) if reduction == "sum" else per_sample.mean(1)
+    return cost
+
+
+def _dp_tables(cost: np.ndarray, max_steps: int, coeff: float) -> Tuple[np.ndarray, np.ndarray]:
+    """V[k, j]: least discounted cost from point j to the end in k steps; P[k, j]: the next point."""
+    n = cost.shape[0]
+    last = n - 1
+    values = np.full((max_steps + 1, n), np.inf)
+    pointers = np.full((max_steps + 1, n), -1, dtype=np.int64)
+    values[1, :last] = cost[:last, last]
+    pointers[1, :last] = last
+    later = np.triu(np.ones((n, n), dtype=bool), k=1)[:, :last]       # i > j, i < last
+    for k in range(2, max_steps + 1):
+        total = np.where(later, cost[:, :last] + coeff * values[k - 1, :last][None, :], np.inf)
+        pointers[k] = total.argmin(axis=1)
+        values[k] = total[np.arange(n), pointers[k]]
+    return values, pointers
+
+
+def _backtrack(pointers: np.ndarray, num_steps: int) -> List[int]:
+    path = [0]
+    for k in range(num_steps, 0, -1):
+        path.append(int(pointers[k, path[-1]]))
+    return path
+
+
+def _check_steps(num_steps: int, n: int) -> None:
+    if not 1 <= num_steps <= n - 1:
+        raise ValueError(f"cannot choose {num_steps} steps from a teacher grid of {n} points: "
+                         f"num_steps must lie in [1, {n - 1}] (use more teacher steps)")
+
+
+def dp_schedule(cost, num_steps: int, coeff: float = 1.15) -> List[int]:
+    """Indices (0 = first point, last = T) of the K-step path minimizing the discounted cost."""
+    cost = np.asarray(torch.as_tensor(cost, dtype=torch.float64).cpu())
+    _check_steps(num_steps, cost.shape[0])
+    _, pointers = _dp_tables(cost, num_steps, coeff)
+    return _backtrack(pointers, num_steps)
+
+
+def dp_schedules(cost, num_steps: Iterable[int], coeffs: Iterable[float]) -> Dict[Tuple[float, int], List[int]]:
+    """Sweep: one DP table per coefficient serves every step count. Keys are (coeff, num_steps)."""
+    cost = np.asarray(torch.as_tensor(cost, dtype=torch.float64).cpu())
+    num_steps = sorted(set(num_steps))
+    for k in num_steps:
+        _check_steps(k, cost.shape[0])
+    out = {}
+    for coeff in coeffs:
+        _, pointers = _dp_tables(cost, num_steps[-1], coeff)
+        for k in num_steps:
+            out[(coeff, k)] = _backtrack(pointers, k)
+    return out
+
+
+def path_cost(cost, path: Sequence[int], coeff: float) -> float:
+    """The objective the DP minimizes, evaluated on one path."""
+    cost = torch.as_tensor(cost, dtype=torch.float64)
+    return float(sum(coeff ** m * cost[a, b] for m, (a, b) in enumerate(zip(path, path[1:]))))
+
+
+def _split_for_rank(seeds: List[int]) -> List[int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return seeds[torch.distributed.get_rank()::torch.distributed.get_world_size()]
+    return seeds
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def optimize_schedule(denoiser, shape: Sequence[int], nfe: int = 5, solver="ipndm", *, teacher="ipndm",
+                      teacher_steps: int = 60, base_schedule="polynomial", base_options: Optional[dict] = None,
+                      sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, warmup: int = 256,
+                      first_seed: int = 0, batch: int = 64, metric: str = "l2", coeff: float = 1.15,
+                      afs: bool = False, cond: Optional[Callable[[List[int]], dict]] = None,
+                      dtype=torch.float32, device="cpu", model_name: Optional[str] = None, progress: bool = False,
+                      solver_options: Optional[dict] = None, teacher_options: Optional[dict] = None
+                      ) -> schedules_module.Schedule:
+    """Fit a GITS schedule for ``solver`` at ``nfe`` on ``denoiser``; returns a Schedule.
+
+    ``cond`` maps a list of warm-up seeds to the conditioning of that batch (e.g. random labels).
+    The warm-up seeds are ``first_seed .. first_seed + warmup - 1``; under torchrun they are split
+    across ranks and the cost matrix is summed over all of them.
+    """
+    student = get_solver(solver, **(solver_options or {}))
+    total_steps = student.steps_for_nfe(nfe, afs)
+    dp_steps = total_steps - int(afs)
+    _check_steps(dp_steps, teacher_steps + 1)
+    if afs and dp_steps < 1:
+        raise ValueError("AFS needs at least one step besides the free first one")
+    default_min, default_max = sigma_range(denoiser)
+    sigma_min = default_min if sigma_min is None else sigma_min
+    sigma_max = default_max if sigma_max is None else sigma_max
+    fixed, base_fn = schedules_module.resolve(base_schedule, base_options)
+    grid = fixed.sigmas if fixed is not None else base_fn(teacher_steps, sigma_min, sigma_max)
+    grid = schedules_module.check_sigmas(grid)
+    shape = tuple(shape)
+    seeds = _split_for_rank(list(range(first_seed, first_seed + warmup)))
+    timings = {"teacher_s": 0.0, "cost_matrix_s": 0.0, "dp_s": 0.0, "afs_s": 0.0}
+    cost_sum = torch.zeros(len(grid), len(grid), dtype=torch.float64)
+    batches = [seeds[k:k + batch] for k in range(0, len(seeds), batch)]
+    kept = []                                         # (noise, cond, teacher endpoint) per batch, for AFS
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(batches, desc="GITS warm-up", unit="batch")
+    for chunk in iterator:
+        noise = seed_noise(chunk, shape, dtype=dtype, device=device)
+        batch_cond = cond(chunk) if cond is not None else None
+        t0 = time.perf_counter()
+        traj = teacher_trajectories(denoiser, noise, grid, solver=teacher, cond=batch_cond, **(teacher_options or {}))
+        t1 = time.perf_counter()
+        cost_sum += cost_matrix(traj.states, traj.directions, grid, metric=metric, reduction="sum").cpu()
+        timings["teacher_s"] += t1 - t0
+        timings["cost_matrix_s"] += time.perf_counter() - t1
+        if afs:
+            kept.append((noise, batch_cond, traj.states[-1]))
+    count = _all_reduce(torch.tensor([float(len(seeds))], dtype=torch.float64))
+    cost = _all_reduce(cost_sum) / count
+    cost.masked_fill_(torch.ones_like(cost, dtype=torch.bool).tril(), float("inf"))
+    t0 = time.perf_counter()
+    path = dp_schedule(cost, dp_steps, coeff)
+    timings["dp_s"] = time.perf_counter() - t0
+    if afs:
+        t0 = time.perf_counter()
+        path = _choose_afs_point(denoiser, student, grid, path, kept)
+        timings["afs_s"] = time.perf_counter() - t0
+    info = {
+        "made_by": "gits", "nfe": nfe, "solver": student.name, "afs": afs, "model": model_name,
+        "shape": list(shape), "sigma_min": float(grid[-1]), "sigma_max": float(grid[0]), "metric": metric,
+        "coeff": coeff, "teacher": teacher, "teacher_steps": teacher_steps,
+        "base_schedule": base_schedule if isinstance(base_schedule, str) else "custom",
+        "base_options": dict(base_options or {}), "warmup": int(count.item()), "indices": path,
+        "timings": timings, "diffsampler_version": __version__,
+    }
+    return schedules_module.Schedule(grid[path], info)
+
+
+def _choose_afs_point(denoiser, student, grid, path, kept) -> List[int]:
+    """Insert the free first point k in (path[0], path[1]) that brings the student closest to the teacher."""
+    best, best_path = float("inf"), None
+    for k in range(path[0] + 1, path[1]):
+        candidate = [path[0], k] + path[1:]
+        total, count = 0.0, 0
+        for noise, cond, target in kept:
+            out = sample(denoiser, noise, solver=student, sigmas=grid[candidate], afs=True, cond=cond).samples
+            total += float((out.to(torch.float64) - target).flatten(1).norm(dim=1).sum())
+            count += noise.shape[0]
+        distance = float(_all_reduce(torch.tensor([total], dtype=torch.float64))) / \
+            float(_all_reduce(torch.tensor([float(count)], dtype=torch.float64)))
+        if distance < best:
+            best, best_path = distance, candidate
+    if best_path is None:
+        raise ValueError("no room for the AFS point: the first two chosen points are adjacent on the teacher grid; "
+                         "use more teacher steps")
+    return best_path

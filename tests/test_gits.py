@@ -1,0 +1,167 @@
+"""GITS: the DP against brute force, the vectorized cost matrix against a naive loop, and the
+schedules it finds against the usual ones on analytic models with exact endpoints."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from diffsampler import Schedule, gits, sample
+from diffsampler.cli import main
+from diffsampler.models.specs import load_model
+from diffsampler.reference import solve_ode
+from diffsampler.seeds import seed_noise
+
+
+def random_cost(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cost = torch.rand(n, n, dtype=torch.float64, generator=gen) * 3
+    return cost.masked_fill(torch.ones(n, n, dtype=torch.bool).tril(), float("inf"))
+
+
+def brute_force(cost, num_steps, coeff):
+    last = cost.shape[0] - 1
+    best, best_path = float("inf"), None
+    for middle in itertools.combinations(range(1, last), num_steps - 1):
+        path = [0, *middle, last]
+        value = gits.path_cost(cost, path, coeff)
+        if value < best:
+            best, best_path = value, path
+    return best, best_path
+
+
+@pytest.mark.parametrize("coeff", [0.8, 1.0, 1.15, 1.5])
+@pytest.mark.parametrize("n", [6, 9])
+def test_dp_equals_brute_force(n, coeff):
+    for seed in range(4):
+        cost = random_cost(n, seed)
+        for k in range(1, n):
+            path = gits.dp_schedule(cost, k, coeff)
+            best, best_path = brute_force(cost, k, coeff)
+            assert path[0] == 0 and path[-1] == n - 1 and len(path) == k + 1
+            assert gits.path_cost(cost, path, coeff) == pytest.approx(best, rel=1e-12)
+            assert path == best_path
+
+
+def test_dp_sweep_equals_single_runs_and_errors_are_clear():
+    cost = random_cost(12, 7)
+    sweep = gits.dp_schedules(cost, range(2, 8), [0.9, 1.15])
+    for (coeff, k), path in sweep.items():
+        assert path == gits.dp_schedule(cost, k, coeff)
+    with pytest.raises(ValueError, match=r"num_steps must lie in \[1, 11\]"):
+        gits.dp_schedule(cost, 12)
+
+
+def naive_cost(states, directions, sigmas, metric):
+    n = states.shape[0]
+    cost = torch.full((n, n), float("inf"), dtype=torch.float64)
+    x, d = states.flatten(2), directions.flatten(2)
+    for i in range(n - 1):
+        for j in range(i + 1, n):
+            per = []
+            for b in range(x.shape[1]):
+                jump = x[i, b] + (sigmas[j] - sigmas[i]) * d[i, b]
+                if metric == "l2":
+                    per.append(float(torch.sqrt(((jump - x[j, b]) ** 2).sum())))
+                elif metric == "l1":
+                    per.append(float((jump - x[j, b]).abs().sum()))
+                else:
+                    start, end = x[0, b], x[-1, b]
+                    unit = (end - start) / torch.linalg.vector_norm(end - start)
+
+                    def dist(p):
+                        rel = p - start
+                        return float(torch.linalg.vector_norm(rel - torch.dot(rel, unit) * unit))
+                    per.append(dist(jump) - dist(x[j, b]))
+            cost[i, j] = sum(per) / len(per)
+    return cost
+
+
+@pytest.mark.parametrize("metric", ["l2", "l1", "dev"])
+def test_vectorized_cost_matrix_equals_naive_loop(metric):
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randn(7, 3, 2, 2, 2, dtype=torch.float64, generator=gen)
+    directions = torch.randn(6, 3, 2, 2, 2, dtype=torch.float64, generator=gen)
+    sigmas = torch.tensor([9.0, 5.0, 3.0, 1.5, 0.7, 0.2, 0.01], dtype=torch.float64)
+    expected = naive_cost(states, directions, sigmas, metric)
+    torch.testing.assert_close(gits.cost_matrix(states, directions, sigmas, metric), expected)
+    chunked = gits.cost_matrix(states, directions, sigmas, metric, max_elements=16)   # one target point at a time
+    torch.testing.assert_close(chunked, expected)
+    summed = gits.cost_matrix(states, directions, sigmas, metric, reduction="sum")
+    torch.testing.assert_close(summed[torch.isfinite(summed)], 3 * expected[torch.isfinite(expected)])
+
+
+def test_unknown_metric_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="use one of l2, l1, dev"):
+        gits.cost_matrix(torch.zeros(3, 1, 2), torch.zeros(2, 1, 2), [3.0, 2.0, 1.0], "l3")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model = load_model("gmm:digits")
+    noise = seed_noise(range(10_000, 10_048), model.shape, dtype=torch.float64)
+    return model, noise, solve_ode(model, noise * 80.0, 80.0, 0.002, tol=1e-8)
+
+
+def endpoint_error(model, noise, reference, **kwargs):
+    out = sample(model, noise, **kwargs).samples
+    return float((out - reference).flatten(1).norm(dim=1).mean())
+
+
+@pytest.mark.parametrize("solver", ["ipndm", "euler"])
+def test_gits_beats_polynomial_and_logsnr_on_the_digits_optimal_denoiser(digits, solver):
+    model, noise, reference = digits
+    for nfe in (4, 5, 6, 7, 8):
+        schedule = gits.optimize_schedule(model, model.shape, nfe=nfe, solver=solver, warmup=64, dtype=torch.float64)
+        tuned = endpoint_error(model, noise, reference, solver=solver, schedule=schedule)
+        for base in ("polynomial", "logsnr"):
+            usual = endpoint_error(model, noise, reference, solver=solver, nfe=nfe, schedule=base)
+            assert tuned < usual, f"{solver} NFE {nfe}: GITS {tuned:.3f} vs {base} {usual:.3f}"
+
+
+def test_afs_schedule_inserts_a_free_first_point_and_samples_with_afs(tmp_path):
+    model = load_model("gmm:synthetic:4:1x4x4:0")
+    schedule = gits.optimize_schedule(model, model.shape, nfe=4, solver="ipndm", afs=True, warmup=16,
+                                      teacher_steps=30, dtype=torch.float64)
+    indices = schedule.info["indices"]
+    assert len(schedule.sigmas) == 6 and schedule.info["afs"] is True
+    assert indices[0] == 0 and indices[-1] == 30 and indices == sorted(set(indices))
+    noise = seed_noise(range(4), model.shape, dtype=torch.float64)
+    assert sample(model, noise, solver="ipndm", schedule=schedule).nfe == 4         # AFS taken from the file
+    assert sample(model, noise, solver="ipndm", schedule=schedule, afs=False).nfe == 5
+
+
+def test_schedule_file_round_trip_and_refusals(tmp_path):
+    model = load_model("gmm:synthetic:4:1x4x4:0")
+    schedule = gits.optimize_schedule(model, model.shape, nfe=3, solver="euler", warmup=8, teacher_steps=20,
+                                      dtype=torch.float64, model_name="gmm:synthetic:4:1x4x4:0")
+    path = schedule.save(tmp_path / "gits.json")
+    loaded = Schedule.load(path)
+    assert torch.equal(loaded.sigmas, schedule.sigmas)
+    for key in ("nfe", "solver", "model", "metric", "coeff", "teacher", "warmup", "diffsampler_version"):
+        assert loaded.info[key] == schedule.info[key]
+    noise = seed_noise(range(3), model.shape, dtype=torch.float64)
+    torch.testing.assert_close(sample(model, noise, solver="euler", schedule=str(path)).samples,
+                               sample(model, noise, solver="euler", sigmas=schedule.sigmas).samples)
+    with pytest.raises(ValueError, match=r"made for samples of shape \(1, 4, 4\), not \(1, 8, 8\)"):
+        sample(load_model("gmm:synthetic:4:1x8x8:0"), seed_noise([0], (1, 8, 8)), solver="euler", schedule=str(path))
+    narrow = load_model("gmm:synthetic:4:1x4x4:0")
+    narrow.sigma_max = 10.0
+    with pytest.raises(ValueError, match="outside the model's range 0.002..10; it was made for another model"):
+        sample(narrow, noise, solver="euler", schedule=str(path))
+
+
+def test_cli_gits_then_show_then_sample(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "s.json"
+    made = runner.invoke(main, ["schedule", "gits", "--model", "gmm:synthetic:4:1x4x4:0", "--nfe", "4",
+                                "--warmup", "8", "--teacher-steps", "20", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    plain = runner.invoke(main, ["schedule", "show", str(out), "--plain"]).output.strip()
+    assert [float(v) for v in plain.split(",")] == Schedule.load(out).sigmas.tolist()
+    sampled = runner.invoke(main, ["sample", "--model", "gmm:synthetic:4:1x4x4:0", "--schedule", str(out),
+                                   "--seeds", "0-3", "--outdir", str(tmp_path / "img")])
+    assert sampled.exit_code == 0 and "NFE per image 4" in sampled.output
+    refused = runner.invoke(main, ["sample", "--schedule", str(out), "--outdir", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "made for samples of shape" in refused.output
