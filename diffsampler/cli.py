@@ -1,22 +1,20 @@
 """Command line: ``diffsampler sample | list`` (also ``python -m diffsampler``)."""
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import click
 import torch
 
 from . import __version__
-from .fileio import write_atomic
-from .images import grid, png_bytes, save_png, to_uint8
+from .generate import SampleJob, one_hot_labels, rank_and_world, seed_labels
+from .generate import run as run_job
+from .models.base import Denoiser, sigma_range
 from .models.specs import DEFAULT_MODEL, load_model
-from .models.base import sigma_range
-from .sampling import check_schedule_fits, resolve_grid, sample
+from .sampling import check_schedule_fits, resolve_grid
 from .schedules import SCHEDULES, Schedule
 from .schedules import resolve as resolve_schedule
-from .seeds import parse_seeds, seed_noise
+from .seeds import parse_seeds
 from .solvers import SOLVERS, get_solver
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -72,6 +70,19 @@ def list_command():
     click.echo("  (or a schedule file: JSON written by `diffsampler schedule` or Schedule.save)")
 
 
+def _init_distributed(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1) join the process group; return this rank's device."""
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return device
+    cuda = device.startswith("cuda")
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return device
+
+
 @main.command("sample")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Model spec: digits, gmm:digits[:STD], gmm:synthetic:K:CxHxW[:SEED], ...")
@@ -90,16 +101,24 @@ def list_command():
 @click.option("--afs/--no-afs", default=None,
               help="Analytical first step (saves one evaluation). Default: off, or what a schedule file records.")
 @click.option("--denoise-to-zero/--no-denoise-to-zero", default=False, show_default=True)
+@click.option("--class", "class_label", type=int, default=None,
+              help="Class index for a class-conditional model (default: a random class per seed).")
 @click.option("--seeds", default="0-63", show_default=True, help="Seeds: ranges and lists, e.g. 0-63 or 1,5,10-20.")
-@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch (per process).")
 @click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--grid/--no-grid", "write_grid", default=True, show_default=True, help="Also write grid.png.")
+@click.option("--npz", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write all images as one .npz (samples: N x H x W x C uint8, seeds).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Dtype the model sees (solver arithmetic is float64 where the device has it).")
 def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_min, sigma_max, max_order,
-                   solver_option, afs, denoise_to_zero, seeds, batch, outdir, write_grid, device, dtype):
-    """Sample images, one PNG per seed (in subfolders of 1000), plus a grid."""
+                   solver_option, afs, denoise_to_zero, class_label, seeds, batch, outdir, write_grid, npz, device, dtype):
+    """Sample images, one PNG per seed (in subfolders of 1000), plus a grid.
+
+    Resumable: a rerun skips the seeds already written. Scale out with
+    `torchrun --nproc_per_node N -m diffsampler sample ...` (seeds are split across processes).
+    """
     schedule_arg = schedule
     try:
         seed_list = parse_seeds(seeds)
@@ -115,57 +134,56 @@ def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_
         denoiser = load_model(model)
         if denoiser.shape is None:
             raise ValueError(f"model {model!r} does not declare its sample shape")
+        cond = _class_conditioning(denoiser, class_label)
         fixed = resolve_schedule(schedule)[0] if schedule is not None and not schedule_options else None
         if fixed is not None:
             check_schedule_fits(fixed, denoiser, (1, *denoiser.shape))
             schedule = fixed
             if afs is None:
                 afs = bool(fixed.info.get("afs", False))
-    except (ValueError, FileNotFoundError) as err:
-        raise click.UsageError(str(err)) from None
-    afs = bool(afs)
-    if grid_sigmas is None and fixed is None and nfe is None:
-        nfe = 10
-    if device != "cpu":
-        denoiser = denoiser.to(device)
-    model_min, model_max = sigma_range(denoiser)
-    try:
+        afs = bool(afs)
+        if grid_sigmas is None and fixed is None and nfe is None:
+            nfe = 10
+        model_min, model_max = sigma_range(denoiser)
         used_sigmas = resolve_grid(solver_obj, nfe, schedule, schedule_options or None, grid_sigmas,
                                    model_min if sigma_min is None else sigma_min,
                                    model_max if sigma_max is None else sigma_max, afs, denoise_to_zero)
     except (ValueError, FileNotFoundError) as err:
         raise click.UsageError(str(err)) from None
+    device = _init_distributed(device)
+    if device != "cpu":
+        denoiser = denoiser.to(device)
     nfe_used = solver_obj.num_evals(len(used_sigmas) - 1, afs, denoise_to_zero)
-    request = dict(solver=solver_obj, sigmas=used_sigmas, afs=afs, denoise_to_zero=denoise_to_zero)
-    outdir.mkdir(parents=True, exist_ok=True)
-    paths = {s: outdir / f"{s - s % 1000:06d}" / f"{s:06d}.png" for s in seed_list}
-    todo = [s for s in seed_list if not paths[s].exists()]
     settings = {"model": model, "solver": solver, "solver_options": options,
                 "schedule": "explicit sigmas" if grid_sigmas else (str(schedule_arg) if schedule_arg else solver_obj.default_schedule),
-                "schedule_options": schedule_options,
-                "afs": afs, "denoise_to_zero": denoise_to_zero, "sigmas": [float(s) for s in used_sigmas],
-                "nfe": nfe_used, "dtype": dtype, "diffsampler_version": __version__}
-    write_atomic(outdir / "settings.json", json.dumps(settings, indent=2).encode() + b"\n")
-    start = time.perf_counter()
-    with click.progressbar(length=len(seed_list), label="sampling", show_pos=True) as bar:
-        bar.update(len(seed_list) - len(todo))
-        for k in range(0, len(todo), batch):
-            chunk = todo[k:k + batch]
-            noise = seed_noise(chunk, denoiser.shape, dtype=DTYPES[dtype], device=device)
-            result = sample(denoiser, noise, **request)
-            assert result.nfe == nfe_used, (result.nfe, nfe_used)
-            for seed, pixels in zip(chunk, to_uint8(result.samples)):
-                save_png(paths[seed], pixels)
-            bar.update(len(chunk))
-    elapsed = time.perf_counter() - start
-    if write_grid:
-        from PIL import Image
-        import numpy as np
-        shown = [np.array(Image.open(paths[s])) for s in seed_list[:256]]
-        shown = np.stack([p if p.ndim == 3 else p[..., None] for p in shown])
-        write_atomic(outdir / "grid.png", png_bytes(grid(shown)))
-    click.echo(f"{len(seed_list)} images in {outdir} ({len(todo)} new, {len(seed_list) - len(todo)} already there); "
-               f"NFE per image {nfe_used}; {elapsed:.1f} s")
+                "schedule_options": schedule_options, "afs": afs, "denoise_to_zero": denoise_to_zero,
+                "class": class_label, "sigmas": [float(s) for s in used_sigmas], "nfe": nfe_used, "dtype": dtype,
+                "seeds": seeds, "diffsampler_version": __version__}
+    job = SampleJob(denoiser=denoiser, shape=denoiser.shape, seeds=seed_list, outdir=outdir, batch=batch,
+                    dtype=DTYPES[dtype], device=device, cond=cond, settings=settings, write_grid=write_grid, npz=npz,
+                    request=dict(solver=solver_obj, sigmas=used_sigmas, afs=afs, denoise_to_zero=denoise_to_zero))
+    summary = run_job(job)
+    if rank_and_world()[0] == 0:
+        rate = summary["new"] / summary["seconds"] if summary["seconds"] > 0 else float("nan")
+        click.echo(f"{summary['images']} images in {outdir} ({summary['new']} new, "
+                   f"{summary['images'] - summary['new']} already there); NFE per image {nfe_used}; "
+                   f"{summary['seconds']:.1f} s ({rate:.1f} images/s)")
+
+
+def _class_conditioning(denoiser, class_label):
+    """seeds -> {"class_labels": one-hot} for class-conditional models; None for unconditional ones."""
+    num_classes = denoiser.num_classes if isinstance(denoiser, Denoiser) else 0
+    if not num_classes:
+        if class_label is not None:
+            raise ValueError("--class was given but this model is unconditional")
+        return None
+    if class_label is not None and not 0 <= class_label < num_classes:
+        raise ValueError(f"class index out of range: the model has classes 0..{num_classes - 1}, got {class_label}")
+
+    def cond(seeds):
+        labels = torch.full((len(seeds),), class_label) if class_label is not None else seed_labels(seeds, num_classes)
+        return {"class_labels": one_hot_labels(labels, num_classes)}
+    return cond
 
 
 @main.group("schedule")

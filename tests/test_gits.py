@@ -2,7 +2,6 @@
 schedules it finds against the usual ones on analytic models with exact endpoints."""
 import itertools
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner

@@ -28,6 +28,7 @@ class Denoiser:
     sigma_min: float = EDM_SIGMA_MIN
     sigma_max: float = EDM_SIGMA_MAX
     shape: Optional[Tuple[int, ...]] = None
+    num_classes: int = 0          # > 0: class-conditional through cond ``class_labels`` (one-hot rows)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         raise NotImplementedError
