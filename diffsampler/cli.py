@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import click
+import numpy as np
 import torch
 
 from . import __version__
+from .fileio import write_atomic
 from .generate import SampleJob, one_hot_labels, rank_and_world, seed_labels
 from .generate import run as run_job
 from .models.base import Denoiser, sigma_range
@@ -16,6 +20,10 @@ from .schedules import SCHEDULES, Schedule
 from .schedules import resolve as resolve_schedule
 from .seeds import parse_seeds
 from .solvers import SOLVERS, get_solver
+from .metrics import CLASSIFIER, FEATURE_LAYERS
+from .metrics.sources import open_images
+
+BUNDLED_REFERENCE = Path(__file__).resolve().parents[1] / "checkpoints" / "fashion-mnist-classifier" / "reference-train.npz"
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -243,6 +251,229 @@ def schedule_show(path, plain):
             click.echo(f"{key}: {value}")
         click.echo("sigmas:")
     click.echo(str(schedule))
+
+
+@main.group("fid")
+def fid_group():
+    """FID (and KID, precision/recall) on torch-fidelity: reference statistics, scoring, sample-and-score."""
+
+
+def _extractor_options(f):
+    f = click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
+                     help="Local Inception-v3 weights (or set DIFFSAMPLER_INCEPTION_WEIGHTS).")(f)
+    f = click.option("--batch", type=click.IntRange(min=1), default=250, show_default=True)(f)
+    f = click.option("--device", default="cpu", show_default=True)(f)
+    return f
+
+
+@fid_group.command("ref")
+@click.option("--data", required=True, help="Folder of images, .npz, or a bundled dataset (fashion-mnist:train, ...).")
+@click.option("--dest", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Reference .npz to write.")
+@click.option("--extractor", type=click.Choice(list(FEATURE_LAYERS)), default=CLASSIFIER, show_default=True)
+@click.option("--keep-features", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="Also store this many features (for KID / precision-recall against the reference).")
+@_extractor_options
+def fid_ref(data, dest, extractor, keep_features, inception_weights, batch, device):
+    """Compute reference statistics (mu, sigma) of a dataset."""
+    from .metrics import fid
+    try:
+        images = open_images(data)
+        device = _init_distributed(device)
+        features = fid.extract_features(images, extractor, batch, device, inception_weights, progress=True)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise click.UsageError(str(err)) from None
+    if rank_and_world()[0] == 0:
+        fid.save_reference(dest, features, extractor, keep_features, source=str(data))
+        click.echo(f"wrote {dest}: {len(features)} images, {features.shape[1]} features ({extractor})")
+
+
+def _score(images, ref, batch, device, inception_weights, with_kid, with_prc):
+    from .metrics import fid
+    features = fid.extract_features(images, ref["extractor"], batch, device, inception_weights, progress=True)
+    stats = fid.statistics(features)
+    if stats["mu"].shape != ref["mu"].shape:
+        raise ValueError(f"the reference has {ref['mu'].shape[0]} features per image but extractor "
+                         f"{ref['extractor']} gives {stats['mu'].shape[0]}: the reference was made differently")
+    result = {"fid": fid.frechet_distance(stats, ref), "extractor": ref["extractor"], "num_images": len(features)}
+    if with_kid or with_prc:
+        if "features" not in ref:
+            raise ValueError("KID and precision/recall need reference features: make the reference with --keep-features")
+        if with_kid:
+            result.update(fid.kid(features, ref["features"]))
+        if with_prc:
+            result.update(fid.precision_recall(features, ref["features"]))
+    return result
+
+
+@fid_group.command("calc")
+@click.option("--images", required=True, help="Folder of images or .npz.")
+@click.option("--ref", type=click.Path(dir_okay=False), required=True, help="Reference statistics (.npz).")
+@click.option("--kid", "with_kid", is_flag=True, help="Also KID (needs reference features).")
+@click.option("--prc", "with_prc", is_flag=True, help="Also precision/recall (needs reference features).")
+@_extractor_options
+def fid_calc(images, ref, with_kid, with_prc, inception_weights, batch, device):
+    """Score a set of images against reference statistics (the extractor is the reference's)."""
+    from .metrics import fid
+    try:
+        reference = fid.load_reference(ref)
+        device = _init_distributed(device)
+        result = _score(open_images(images), reference, batch, device, inception_weights, with_kid, with_prc)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise click.UsageError(str(err)) from None
+    if rank_and_world()[0] == 0:
+        click.echo(json.dumps(result))
+
+
+@fid_group.command("run")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--solver", type=click.Choice(list(SOLVERS)), default="ipndm", show_default=True)
+@click.option("--nfe", type=click.IntRange(min=1), default=None)
+@click.option("--schedule", default=None)
+@click.option("--afs/--no-afs", default=None)
+@click.option("--max-order", type=int, default=None)
+@click.option("--num", type=click.IntRange(min=2), default=10000, show_default=True, help="Images per seed block.")
+@click.option("--blocks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Seed blocks (block k uses seeds k*num .. (k+1)*num-1); each is scored, then min and mean.")
+@click.option("--ref", type=click.Path(dir_okay=False), default=None, help="Reference statistics (default: the bundled model's).")
+@click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--sample-batch", type=click.IntRange(min=1), default=64, show_default=True)
+@_extractor_options
+@click.pass_context
+def fid_run(ctx, model, solver, nfe, schedule, afs, max_order, num, blocks, ref, outdir, sample_batch,
+            inception_weights, batch, device):
+    """Sample and score (the EDM protocol): N images per seed block, FID of each block, min and mean."""
+    from .metrics import fid
+    ref = ref or str(BUNDLED_REFERENCE)
+    try:
+        reference = fid.load_reference(ref)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    scores = []
+    for k in range(blocks):
+        block_dir = outdir / f"block{k}"
+        args = ["--model", model, "--solver", solver, "--seeds", f"{k * num}-{(k + 1) * num - 1}",
+                "--batch", str(sample_batch), "--outdir", str(block_dir), "--device", device, "--no-grid"]
+        args += ["--nfe", str(nfe)] if nfe else []
+        args += ["--schedule", schedule] if schedule else []
+        args += [] if afs is None else (["--afs"] if afs else ["--no-afs"])
+        args += ["--max-order", str(max_order)] if max_order else []
+        ctx.invoke(sample_command, **sample_command.make_context("sample", args).params)
+        try:
+            scores.append(_score(open_images(block_dir), reference, batch, device, inception_weights, False, False))
+        except (ValueError, RuntimeError) as err:
+            raise click.UsageError(str(err)) from None
+        click.echo(f"block {k}: FID {scores[-1]['fid']:.4f} ({reference['extractor']})")
+    values = [s["fid"] for s in scores]
+    summary = {"model": model, "solver": solver, "nfe": nfe, "schedule": schedule, "num": num, "blocks": blocks,
+               "extractor": reference["extractor"], "fid": values, "fid_min": min(values),
+               "fid_mean": float(np.mean(values)), "reference": ref}
+    write_atomic(outdir / "fid.json", json.dumps(summary, indent=2).encode() + b"\n")
+    click.echo(json.dumps(summary))
+
+
+@main.command("analyze")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Model spec (as for sample; also bundled:NAME for a bundled checkpoint).")
+@click.option("--solver", type=click.Choice(list(SOLVERS)), default="heun", show_default=True)
+@click.option("--nfe", type=click.IntRange(min=1), default=None,
+              help="Model evaluations per trajectory (default 60; more = finer trajectories).")
+@click.option("--schedule", default=None, help="Schedule name or file; default: the solver's own.")
+@click.option("--schedule-option", "schedule_option", multiple=True, metavar="KEY=VALUE",
+              help="Schedule parameter, e.g. rho=5 (repeatable).")
+@click.option("--max-order", type=int, default=None, help="Multistep order (solvers that have one).")
+@click.option("--option", "solver_option", multiple=True, metavar="KEY=VALUE", help="Other solver option (repeatable).")
+@click.option("--afs/--no-afs", default=False, show_default=True, help="Analytical first step.")
+@click.option("--seeds", default="0-31", show_default=True, help="Seeds of the trajectories, e.g. 0-31 or 1,5,10-20.")
+@click.option("--class", "class_label", type=int, default=None,
+              help="Class index for a class-conditional model (default: a random class per seed, as sample).")
+@click.option("--reference", default=None,
+              help="Also compare the model's x0 estimates along its trajectories with this model spec's "
+                   "(e.g. gmm:fashion-mnist, the optimal denoiser of the training set; evaluated unconditionally).")
+@click.option("--show", type=click.IntRange(min=1), default=8, show_default=True, help="Trajectories in the 3-D figure.")
+@click.option("--strips", type=click.IntRange(min=0), default=4, show_default=True, help="Seeds in the image strips.")
+@click.option("--window", type=click.IntRange(min=4), default=7, show_default=True,
+              help="Points per local cubic fit for curvature and torsion.")
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for figures and numbers.json.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True, help="Dtype the model sees.")
+def analyze_command(model, solver, nfe, schedule, schedule_option, max_order, solver_option, afs, seeds, class_label,
+                    reference, show, strips, window, batch, out, device, dtype):
+    """Trajectory geometry: record sampling/denoising trajectories and write figures and numbers.json."""
+    import time as _time
+    from .analysis import record_trajectories
+    from .analysis.report import (add_reference_gap, compute_geometry, load_analysis_model, summary_line,
+                                  write_report)
+    from .seeds import seed_noise
+
+    try:
+        seed_list = parse_seeds(seeds)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--seeds") from None
+    options = _parse_options(solver_option, "--option")
+    if max_order is not None:
+        options["max_order"] = max_order
+    schedule_options = _parse_options(schedule_option, "--schedule-option")
+    try:
+        solver_obj = get_solver(solver, **options)
+        denoiser = load_analysis_model(model)
+        if getattr(denoiser, "shape", None) is None:
+            raise ValueError(f"model {model!r} does not declare its sample shape")
+        ref_model = load_analysis_model(reference) if reference else None
+        if ref_model is not None and tuple(ref_model.shape or ()) != tuple(denoiser.shape):
+            raise ValueError(f"--reference {reference!r} has sample shape {ref_model.shape}, "
+                             f"the model {tuple(denoiser.shape)}")
+        cond_fn = _class_conditioning(denoiser, class_label)
+        fixed = resolve_schedule(schedule)[0] if schedule is not None and not schedule_options else None
+        if fixed is not None:
+            check_schedule_fits(fixed, denoiser, (1, *denoiser.shape))
+            schedule = fixed
+        if nfe is None and fixed is None:
+            nfe = 60
+        lo, hi = sigma_range(denoiser)
+        grid_sigmas = resolve_grid(solver_obj, nfe, schedule, schedule_options or None, None, lo, hi, afs, False)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.UsageError(str(err)) from None
+    steps = len(grid_sigmas) - 1
+    if steps < 3:
+        raise click.UsageError(f"trajectory geometry needs at least 3 steps (4 points), but {solver} at NFE "
+                               f"{nfe} takes {steps}; raise --nfe")
+    if device != "cpu":
+        denoiser = denoiser.to(device)
+        ref_model = ref_model.to(device) if ref_model is not None else None
+    cond = cond_fn(seed_list) if cond_fn is not None else None
+    if cond is not None:
+        cond = {k: v.to(device) for k, v in cond.items()}
+    nfe_used = solver_obj.num_evals(steps, afs, False)
+    click.echo(f"recording {len(seed_list)} trajectories: model {model}, {solver} NFE {nfe_used} ({steps} steps, "
+               f"sigma {float(grid_sigmas[0]):g} -> {float(grid_sigmas[-1]):g})")
+    start = _time.perf_counter()
+    noise = seed_noise(seed_list, denoiser.shape, dtype=DTYPES[dtype], device=device)
+    traj = record_trajectories(denoiser, noise, solver=solver_obj, sigmas=grid_sigmas, afs=afs, cond=cond,
+                               batch_size=batch, store_device="cpu")
+    recorded = _time.perf_counter() - start
+    click.echo(f"measuring ({recorded:.1f} s so far)")
+    geom = compute_geometry(traj, window=window, label=f"{model}, {solver} NFE {nfe_used}")
+    if ref_model is not None:
+        click.echo(f"comparing with {reference} along the trajectories")
+        add_reference_gap(geom, traj, denoiser, ref_model, reference, cond=cond, batch_size=batch, dtype=DTYPES[dtype])
+    labels = None
+    if cond is not None:
+        label_idx = cond["class_labels"].argmax(1).tolist()
+        names = list(getattr(denoiser, "class_names", []) or [])
+        labels = [f"seed {s}: {names[c] if c < len(names) else c}" for s, c in zip(seed_list, label_idx)]
+    else:
+        labels = [f"seed {s}" for s in seed_list]
+    info = {"model": model, "solver": solver, "solver_options": options, "nfe": nfe_used, "steps": steps,
+            "afs": afs, "schedule": str(schedule) if schedule is not None else solver_obj.default_schedule,
+            "seeds": seed_list, "class_labels": None if cond is None else cond["class_labels"].argmax(1).tolist(),
+            "shape": list(denoiser.shape), "dtype": dtype, "device": device, "diffsampler_version": __version__,
+            "record_seconds": round(recorded, 3)}
+    click.echo("writing figures")
+    numbers = write_report(traj, geom, out, info=info, show=show, strips=strips, seed_names=labels, log=click.echo)
+    click.echo(summary_line(numbers))
+    click.echo(f"{len(seed_list)} trajectories analyzed in {_time.perf_counter() - start:.1f} s; "
+               f"figures and numbers.json in {out}")
 
 
 if __name__ == "__main__":
