@@ -5,7 +5,7 @@ schedule, or explicit ``sigmas``), scaling the noise by ``sigma_max``, condition
 handling, NFE counting (measured at the model, not computed from a table), the analytical first
 step, the optional final denoising, callbacks and progress.
 
-Numbers: the solver arithmetic runs in float64 where the device has it (float32 on Apple MPS);
+Sampling is inference: it runs under ``torch.no_grad()``.  Numbers: the solver arithmetic runs in float64 where the device has it (float32 on Apple MPS);
 the model sees ``noise.dtype``.  Non-finite model outputs are flagged on the device without a
 host sync per step and reported after the loop, naming the first bad step and its sigma.
 """
@@ -131,6 +131,7 @@ def resolve_grid(solver, nfe: Optional[int], schedule, schedule_options: Optiona
     return schedules_module.check_sigmas(schedule_fn(num_steps, sigma_min, sigma_max))
 
 
+@torch.no_grad()
 def sample(denoiser: Callable, noise: torch.Tensor, solver="ipndm", nfe: Optional[int] = None,
            schedule=None, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, *,
            sigmas: Optional[Sequence[float]] = None, schedule_options: Optional[dict] = None,

@@ -1,11 +1,13 @@
 """Model specs: the strings ``--model`` accepts, turned into denoisers.
 
-    digits                      the optimal denoiser of scikit-learn's 8x8 digits (default for now)
+    fashion-mnist               the bundled EDM U-Net trained on Fashion-MNIST (class-conditional)
+    digits                      the optimal denoiser of scikit-learn's 8x8 digits
+    diffusers:DIR               a saved diffusers pipeline (pixel UNet, Stable Diffusion, SD3, ...)
     gmm:digits[:STD]            the same, as a kernel density estimate with bandwidth STD (default 0)
     gmm:fashion-mnist[:STD]     the same for Fashion-MNIST's training split (needs the dataset)
     gmm:synthetic:K:CxHxW[:SEED]  K random isotropic Gaussians in C x H x W (stds 0.1-0.4)
 
-Later model families (trained networks, EDM pickles, diffusers folders) add their prefixes here.
+Model families add their names and prefixes here.
 """
 from __future__ import annotations
 
@@ -46,11 +48,25 @@ def _gmm(arg: str) -> GaussianMixture:
                      "or gmm:synthetic:K:CxHxW[:SEED]")
 
 
+def _bundled(name: str):
+    def load():
+        from .bundled import load_bundled
+        return load_bundled(name)
+    return load
+
+
+def _diffusers(arg: str):
+    from ..pipelines import denoiser_for_pipeline, load_pipeline
+    return denoiser_for_pipeline(load_pipeline(arg))
+
+
 NAMED: Dict[str, Callable[[], object]] = {
+    "fashion-mnist": _bundled("fashion-mnist"),
     "digits": lambda: _dataset_kde("digits", ""),
 }
 PREFIXES: Dict[str, Callable[[str], object]] = {
     "gmm": _gmm,
+    "diffusers": _diffusers,
 }
 
 
