@@ -111,6 +111,11 @@ def _init_distributed(device: str) -> str:
 @click.option("--denoise-to-zero/--no-denoise-to-zero", default=False, show_default=True)
 @click.option("--class", "class_label", type=int, default=None,
               help="Class index for a class-conditional model (default: a random class per seed).")
+@click.option("--prompt", default=None, help="Text prompt (text-to-image models).")
+@click.option("--negative-prompt", default=None, help="Negative prompt: the unconditional half of guidance.")
+@click.option("--guidance", type=float, default=1.0, show_default=True,
+              help="Classifier-free guidance scale (1 = none). NFE counts guided evaluations, each one batched "
+                   "cond+uncond model call.")
 @click.option("--seeds", default="0-63", show_default=True, help="Seeds: ranges and lists, e.g. 0-63 or 1,5,10-20.")
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch (per process).")
 @click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), required=True)
@@ -121,7 +126,8 @@ def _init_distributed(device: str) -> str:
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Dtype the model sees (solver arithmetic is float64 where the device has it).")
 def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_min, sigma_max, max_order,
-                   solver_option, afs, denoise_to_zero, class_label, seeds, batch, outdir, write_grid, npz, device, dtype):
+                   solver_option, afs, denoise_to_zero, class_label, prompt, negative_prompt, guidance, seeds, batch,
+                   outdir, write_grid, npz, device, dtype):
     """Sample images, one PNG per seed (in subfolders of 1000), plus a grid.
 
     Resumable: a rerun skips the seeds already written. Scale out with
@@ -139,10 +145,10 @@ def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_
     grid_sigmas = _parse_sigmas(sigmas) if sigmas is not None else None
     try:
         solver_obj = get_solver(solver, **options)
-        denoiser = load_model(model)
+        denoiser = load_model(model, dtype=DTYPES[dtype])
         if denoiser.shape is None:
             raise ValueError(f"model {model!r} does not declare its sample shape")
-        cond = _class_conditioning(denoiser, class_label)
+        denoiser, cond, decode = _conditioning(denoiser, class_label, prompt, negative_prompt, guidance)
         fixed = resolve_schedule(schedule)[0] if schedule is not None and not schedule_options else None
         if fixed is not None:
             check_schedule_fits(fixed, denoiser, (1, *denoiser.shape))
@@ -165,10 +171,11 @@ def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_
     settings = {"model": model, "solver": solver, "solver_options": options,
                 "schedule": "explicit sigmas" if grid_sigmas else (str(schedule_arg) if schedule_arg else solver_obj.default_schedule),
                 "schedule_options": schedule_options, "afs": afs, "denoise_to_zero": denoise_to_zero,
-                "class": class_label, "sigmas": [float(s) for s in used_sigmas], "nfe": nfe_used, "dtype": dtype,
+                "class": class_label, "prompt": prompt, "negative_prompt": negative_prompt, "guidance": guidance,
+                "sigmas": [float(s) for s in used_sigmas], "nfe": nfe_used, "dtype": dtype,
                 "seeds": seeds, "diffsampler_version": __version__}
     job = SampleJob(denoiser=denoiser, shape=denoiser.shape, seeds=seed_list, outdir=outdir, batch=batch,
-                    dtype=DTYPES[dtype], device=device, cond=cond, settings=settings, write_grid=write_grid, npz=npz,
+                    dtype=DTYPES[dtype], device=device, cond=cond, decode=decode, settings=settings, write_grid=write_grid, npz=npz,
                     request=dict(solver=solver_obj, sigmas=used_sigmas, afs=afs, denoise_to_zero=denoise_to_zero))
     summary = run_job(job)
     if rank_and_world()[0] == 0:
@@ -178,20 +185,51 @@ def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_
                    f"{summary['seconds']:.1f} s ({rate:.1f} images/s)")
 
 
-def _class_conditioning(denoiser, class_label):
-    """seeds -> {"class_labels": one-hot} for class-conditional models; None for unconditional ones."""
+def _repeat_rows(cond, n):
+    """Conditioning computed once (batch 1) repeated for a batch of n."""
+    if isinstance(cond, dict):
+        return {k: _repeat_rows(v, n) for k, v in cond.items()}
+    if isinstance(cond, torch.Tensor) and cond.ndim and cond.shape[0] == 1:
+        return cond.expand(n, *cond.shape[1:])
+    return cond
+
+
+def _conditioning(denoiser, class_label, prompt, negative_prompt, guidance):
+    """(denoiser, cond(seeds), decode) for the model's kind of conditioning.
+
+    Text models (latent pipelines) take --prompt / --negative-prompt; class-conditional models take
+    --class (default: a random class per seed); --guidance wraps the model in classifier-free
+    guidance (one batched cond/uncond model call per evaluation).
+    """
+    from .models.guidance import ClassifierFreeGuidance
+    text_model = type(denoiser).__name__ == "LatentDiffusion"
     num_classes = denoiser.num_classes if isinstance(denoiser, Denoiser) else 0
-    if not num_classes:
-        if class_label is not None:
-            raise ValueError("--class was given but this model is unconditional")
-        return None
+    decode = denoiser.decode if text_model else None
+    if prompt is not None and not text_model:
+        raise ValueError("--prompt was given but this model is not text-conditioned")
+    if class_label is not None and not num_classes:
+        raise ValueError("--class was given but this model is unconditional")
     if class_label is not None and not 0 <= class_label < num_classes:
         raise ValueError(f"class index out of range: the model has classes 0..{num_classes - 1}, got {class_label}")
-
-    def cond(seeds):
-        labels = torch.full((len(seeds),), class_label) if class_label is not None else seed_labels(seeds, num_classes)
-        return {"class_labels": one_hot_labels(labels, num_classes)}
-    return cond
+    if text_model:
+        if prompt is None:
+            raise ValueError("this model is text-conditioned: give --prompt")
+        cond_once, uncond_once = denoiser.encode_prompt(prompt, negative_prompt, need_uncond=guidance != 1)
+        cond = lambda seeds: _repeat_rows(cond_once, len(seeds))
+        if guidance != 1:
+            denoiser = ClassifierFreeGuidance(denoiser, guidance, uncond=lambda c: _repeat_rows(
+                uncond_once, next(iter(c.values())).shape[0]))
+        return denoiser, cond, decode
+    if num_classes:
+        def cond(seeds):
+            labels = torch.full((len(seeds),), class_label) if class_label is not None else seed_labels(seeds, num_classes)
+            return {"class_labels": one_hot_labels(labels, num_classes)}
+        if guidance != 1:
+            denoiser = ClassifierFreeGuidance(denoiser, guidance)
+        return denoiser, cond, decode
+    if guidance != 1:
+        raise ValueError("--guidance needs a conditional model (class labels or a prompt)")
+    return denoiser, None, decode
 
 
 @main.group("schedule")
@@ -423,7 +461,7 @@ def analyze_command(model, solver, nfe, schedule, schedule_option, max_order, so
         if ref_model is not None and tuple(ref_model.shape or ()) != tuple(denoiser.shape):
             raise ValueError(f"--reference {reference!r} has sample shape {ref_model.shape}, "
                              f"the model {tuple(denoiser.shape)}")
-        cond_fn = _class_conditioning(denoiser, class_label)
+        _, cond_fn, _ = _conditioning(denoiser, class_label, None, None, 1.0)
         fixed = resolve_schedule(schedule)[0] if schedule is not None and not schedule_options else None
         if fixed is not None:
             check_schedule_fits(fixed, denoiser, (1, *denoiser.shape))

@@ -55,9 +55,9 @@ def _bundled(name: str):
     return load
 
 
-def _diffusers(arg: str):
+def _diffusers(arg: str, dtype=None):
     from ..pipelines import denoiser_for_pipeline, load_pipeline
-    return denoiser_for_pipeline(load_pipeline(arg))
+    return denoiser_for_pipeline(load_pipeline(arg, torch_dtype=dtype))
 
 
 NAMED: Dict[str, Callable[[], object]] = {
@@ -70,11 +70,16 @@ PREFIXES: Dict[str, Callable[[str], object]] = {
 }
 
 
-def load_model(spec: str = DEFAULT_MODEL):
-    """The denoiser a model spec names (see the module docstring for the forms)."""
+def load_model(spec: str = DEFAULT_MODEL, dtype=None):
+    """The denoiser a model spec names (see the module docstring for the forms).
+
+    ``dtype`` is the dtype to load network weights in where the format has a choice (diffusers
+    pipelines); analytic models compute in float64 whatever it is."""
     if spec in NAMED:
         return NAMED[spec]()
     prefix, sep, arg = spec.partition(":")
+    if sep and prefix == "diffusers":
+        return _diffusers(arg, dtype)
     if sep and prefix in PREFIXES:
         return PREFIXES[prefix](arg)
     raise ValueError(f"unknown model {spec!r}: use one of {', '.join(NAMED)}, or "
