@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import schedules as schedules_module
-from .models.base import Denoiser, check_sample_shape, sigma_range
+from .models.base import Denoiser, check_sample_shape, sigma_range, work_dtype
 from .solvers import get_solver
 
 
@@ -99,10 +99,6 @@ class _FirstCallAnalytic:
         return analytical_first_step(x, sigma)
 
 
-def _work_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 def resolve_grid(solver, nfe: Optional[int], schedule, schedule_options: Optional[dict],
                  sigmas, sigma_min: float, sigma_max: float, afs: bool, denoise_to_zero: bool) -> torch.Tensor:
     """The sigma grid for a request: explicit ``sigmas``, a fixed schedule, or nfe + schedule."""
@@ -180,11 +176,11 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver="ipndm", nfe: Optiona
     grid_list = tuple(float(s) for s in grid)
     num_steps = len(grid_list) - 1
 
-    work_dtype = _work_dtype(noise.device)
+    work = work_dtype(noise.device)
     expected = solver.num_evals(num_steps, afs, denoise_to_zero)
-    evaluate = Evaluator(denoiser, dict(cond or {}), noise.dtype, work_dtype, noise.shape[0], noise.device,
+    evaluate = Evaluator(denoiser, dict(cond or {}), noise.dtype, work, noise.shape[0], noise.device,
                          max_calls=expected)
-    x = noise.to(work_dtype) * grid_list[0]
+    x = noise.to(work) * grid_list[0]
     state = solver.init_state()
     steps = range(num_steps)
     if progress:

@@ -44,9 +44,24 @@ def sigma_range(denoiser) -> Tuple[float, float]:
     return EDM_SIGMA_MIN, EDM_SIGMA_MAX
 
 
-def check_sample_shape(denoiser, noise_shape) -> None:
-    """Refuse noise whose per-sample shape differs from the one the denoiser declares."""
+def check_sample_shape(denoiser, input_shape) -> None:
+    """Refuse an input whose per-sample shape differs from the one the denoiser declares."""
     if isinstance(denoiser, Denoiser) and denoiser.shape is not None:
-        if tuple(noise_shape[1:]) != tuple(denoiser.shape):
-            raise ValueError(f"noise has sample shape {tuple(noise_shape[1:])} but the model expects "
-                             f"{tuple(denoiser.shape)} (noise must be (batch, *{tuple(denoiser.shape)}))")
+        if tuple(input_shape[1:]) != tuple(denoiser.shape):
+            raise ValueError(f"input has sample shape {tuple(input_shape[1:])} but the model expects "
+                             f"{tuple(denoiser.shape)} (input must be (batch, *{tuple(denoiser.shape)}))")
+
+
+def work_dtype(device: torch.device) -> torch.dtype:
+    """float64 for solver and wrapper arithmetic wherever the device has it (not on Apple MPS)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def per_sample_sigma(sigma, batch: int, device, dtype) -> torch.Tensor:
+    """``sigma`` (a number, a 1-element or a (batch,) tensor) as a (batch,) tensor, checked."""
+    sigma = torch.as_tensor(sigma, device=device).to(dtype).reshape(-1)
+    if sigma.numel() == 1:
+        sigma = sigma.expand(batch)
+    if sigma.shape[0] != batch:
+        raise ValueError(f"sigma must have shape ({batch},), got {tuple(sigma.shape)}")
+    return sigma

@@ -43,14 +43,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from .base import Denoiser
+from .base import Denoiser, check_sample_shape, per_sample_sigma, work_dtype
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-
-
-def work_dtype(device: torch.device) -> torch.dtype:
-    """float64 for the wrapper arithmetic wherever the device has it (not on Apple MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def vp_alpha(sigma: torch.Tensor) -> torch.Tensor:
@@ -252,20 +247,11 @@ class DiffusersDenoiser(Denoiser):
         self.unet.to(*args, **kwargs)
         return self
 
-    def check_input(self, x: torch.Tensor) -> None:
-        if self.shape is not None and tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"input has sample shape {tuple(x.shape[1:])} but the model expects {self.shape} "
-                             f"(input must be (batch, *{self.shape}))")
-
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, **cond) -> torch.Tensor:
-        self.check_input(x)
+        check_sample_shape(self, x.shape)
         batch = x.shape[0]
         work = work_dtype(x.device)
-        s = torch.as_tensor(sigma, device=x.device).to(work).reshape(-1)
-        if s.numel() == 1:
-            s = s.expand(batch)
-        if s.shape[0] != batch:
-            raise ValueError(f"sigma must have shape ({batch},), got {tuple(s.shape)}")
+        s = per_sample_sigma(sigma, batch, x.device, work)
         bshape = (batch,) + (1,) * (x.ndim - 1)
         alpha = vp_alpha(s).reshape(bshape)
         xw = x.to(work)

@@ -32,8 +32,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .base import Denoiser
-from .diffusers_pixel import work_dtype
+from .base import Denoiser, check_sample_shape, per_sample_sigma, work_dtype
 
 
 def shift_time(u, shift: float):
@@ -146,11 +145,6 @@ class FlowDenoiser(Denoiser):
     def dtype(self) -> Optional[torch.dtype]:
         return next(self.model.parameters()).dtype if self.is_module else None
 
-    def check_input(self, x: torch.Tensor) -> None:
-        if self.shape is not None and tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"input has sample shape {tuple(x.shape[1:])} but the model expects {self.shape} "
-                             f"(input must be (batch, *{self.shape}))")
-
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """The network's velocity at flow time t (a (batch,) tensor)."""
         timestep = t * self.timestep_scale
@@ -161,14 +155,10 @@ class FlowDenoiser(Denoiser):
         return self.model(x_t, timestep.to(x_t.dtype), **cond)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        self.check_input(x)
+        check_sample_shape(self, x.shape)
         batch = x.shape[0]
         work = work_dtype(x.device)
-        s = torch.as_tensor(sigma, device=x.device).to(work).reshape(-1)
-        if s.numel() == 1:
-            s = s.expand(batch)
-        if s.shape[0] != batch:
-            raise ValueError(f"sigma must have shape ({batch},), got {tuple(s.shape)}")
+        s = per_sample_sigma(sigma, batch, x.device, work)
         t = sigma_to_t(s)
         bshape = (batch,) + (1,) * (x.ndim - 1)
         x_t = x.to(work) / (1 + s).reshape(bshape)
