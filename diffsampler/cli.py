@@ -109,6 +109,8 @@ def _init_distributed(device: str) -> str:
 @click.option("--afs/--no-afs", default=None,
               help="Analytical first step (saves one evaluation). Default: off, or what a schedule file records.")
 @click.option("--denoise-to-zero/--no-denoise-to-zero", default=False, show_default=True)
+@click.option("--trust-pickle", is_flag=True, default=False,
+              help="Allow pickled models (edm:PATH.pkl): unpickling runs code from the file, so only for files you trust.")
 @click.option("--class", "class_label", type=int, default=None,
               help="Class index for a class-conditional model (default: a random class per seed).")
 @click.option("--prompt", default=None, help="Text prompt (text-to-image models).")
@@ -126,8 +128,8 @@ def _init_distributed(device: str) -> str:
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Dtype the model sees (solver arithmetic is float64 where the device has it).")
 def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_min, sigma_max, max_order,
-                   solver_option, afs, denoise_to_zero, class_label, prompt, negative_prompt, guidance, seeds, batch,
-                   outdir, write_grid, npz, device, dtype):
+                   solver_option, afs, denoise_to_zero, trust_pickle, class_label, prompt, negative_prompt, guidance,
+                   seeds, batch, outdir, write_grid, npz, device, dtype):
     """Sample images, one PNG per seed (in subfolders of 1000), plus a grid.
 
     Resumable: a rerun skips the seeds already written. Scale out with
@@ -145,10 +147,13 @@ def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_
     grid_sigmas = _parse_sigmas(sigmas) if sigmas is not None else None
     try:
         solver_obj = get_solver(solver, **options)
-        denoiser = load_model(model, dtype=DTYPES[dtype])
+        denoiser = load_model(model, dtype=DTYPES[dtype], trust_pickle=trust_pickle)
         if denoiser.shape is None:
             raise ValueError(f"model {model!r} does not declare its sample shape")
         denoiser, cond, decode = _conditioning(denoiser, class_label, prompt, negative_prompt, guidance)
+        if decode is None and denoiser.shape[0] not in (1, 3):
+            raise ValueError(f"model {model!r} makes samples with {denoiser.shape[0]} channels, which cannot be "
+                             "written as images (PNG needs 1 or 3 channels)")
         fixed = resolve_schedule(schedule)[0] if schedule is not None and not schedule_options else None
         if fixed is not None:
             check_schedule_fits(fixed, denoiser, (1, *denoiser.shape))
@@ -253,20 +258,22 @@ def schedule_group():
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--max-order", type=int, default=None, help="Student solver order (solvers that have one).")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--trust-pickle", is_flag=True, default=False,
+              help="Allow pickled models (edm:PATH.pkl): unpickling runs code from the file, so only for files you trust.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Schedule file to write (JSON).")
 def schedule_gits(model, solver, nfe, afs, coeff, metric, teacher, teacher_steps, base_schedule, warmup, batch,
-                  max_order, device, out):
+                  max_order, device, trust_pickle, out):
     """Fit a GITS schedule to a model (dynamic programming over its own teacher trajectories)."""
     from .gits import optimize_schedule
     try:
-        denoiser = load_model(model)
+        denoiser = load_model(model, trust_pickle=trust_pickle)
         if device != "cpu":
             denoiser = denoiser.to(device)
         schedule = optimize_schedule(
             denoiser, denoiser.shape, nfe=nfe, solver=solver, afs=afs, coeff=coeff, metric=metric, teacher=teacher,
             teacher_steps=teacher_steps, base_schedule=base_schedule, warmup=warmup, batch=batch, device=device,
             model_name=model, progress=True, solver_options={"max_order": max_order} if max_order else None)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         raise click.UsageError(str(err)) from None
     schedule.save(out)
     t = schedule.info["timings"]
@@ -375,9 +382,11 @@ def fid_calc(images, ref, with_kid, with_prc, inception_weights, batch, device):
 @click.option("--ref", type=click.Path(dir_okay=False), default=None, help="Reference statistics (default: the bundled model's).")
 @click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--sample-batch", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--trust-pickle", is_flag=True, default=False,
+              help="Allow pickled models (edm:PATH.pkl): unpickling runs code from the file, so only for files you trust.")
 @_extractor_options
 @click.pass_context
-def fid_run(ctx, model, solver, nfe, schedule, afs, max_order, num, blocks, ref, outdir, sample_batch,
+def fid_run(ctx, model, solver, nfe, schedule, afs, max_order, num, blocks, ref, outdir, sample_batch, trust_pickle,
             inception_weights, batch, device):
     """Sample and score (the EDM protocol): N images per seed block, FID of each block, min and mean."""
     from .metrics import fid
@@ -395,6 +404,7 @@ def fid_run(ctx, model, solver, nfe, schedule, afs, max_order, num, blocks, ref,
         args += ["--schedule", schedule] if schedule else []
         args += [] if afs is None else (["--afs"] if afs else ["--no-afs"])
         args += ["--max-order", str(max_order)] if max_order else []
+        args += ["--trust-pickle"] if trust_pickle else []
         ctx.invoke(sample_command, **sample_command.make_context("sample", args).params)
         try:
             scores.append(_score(open_images(block_dir), reference, batch, device, inception_weights, False, False))

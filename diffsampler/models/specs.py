@@ -3,6 +3,8 @@
     fashion-mnist               the bundled EDM U-Net trained on Fashion-MNIST (class-conditional)
     digits                      the optimal denoiser of scikit-learn's 8x8 digits
     diffusers:DIR               a saved diffusers pipeline (pixel UNet, Stable Diffusion, SD3, ...)
+    edm:PATH.pkl                an NVlabs EDM network snapshot; unpickling runs code from the file, so it
+                                needs trust_pickle=True (--trust-pickle)
     gmm:digits[:STD]            the same, as a kernel density estimate with bandwidth STD (default 0)
     gmm:fashion-mnist[:STD]     the same for Fashion-MNIST's training split (needs the dataset)
     gmm:synthetic:K:CxHxW[:SEED]  K random isotropic Gaussians in C x H x W (stds 0.1-0.4)
@@ -60,6 +62,11 @@ def _diffusers(arg: str, dtype=None):
     return denoiser_for_pipeline(load_pipeline(arg, torch_dtype=dtype))
 
 
+def _edm(arg: str, trust_pickle: bool = False):
+    from .edm_pickle import load_edm_snapshot
+    return load_edm_snapshot(arg, trust=trust_pickle)
+
+
 NAMED: Dict[str, Callable[[], object]] = {
     "fashion-mnist": _bundled("fashion-mnist"),
     "digits": lambda: _dataset_kde("digits", ""),
@@ -67,19 +74,23 @@ NAMED: Dict[str, Callable[[], object]] = {
 PREFIXES: Dict[str, Callable[[str], object]] = {
     "gmm": _gmm,
     "diffusers": _diffusers,
+    "edm": _edm,
 }
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype=None):
+def load_model(spec: str = DEFAULT_MODEL, dtype=None, trust_pickle: bool = False):
     """The denoiser a model spec names (see the module docstring for the forms).
 
     ``dtype`` is the dtype to load network weights in where the format has a choice (diffusers
-    pipelines); analytic models compute in float64 whatever it is."""
+    pipelines); analytic models compute in float64 whatever it is.  ``trust_pickle`` allows
+    formats whose loading runs code from the file (EDM snapshots)."""
     if spec in NAMED:
         return NAMED[spec]()
     prefix, sep, arg = spec.partition(":")
     if sep and prefix == "diffusers":
         return _diffusers(arg, dtype)
+    if sep and prefix == "edm":
+        return _edm(arg, trust_pickle)
     if sep and prefix in PREFIXES:
         return PREFIXES[prefix](arg)
     raise ValueError(f"unknown model {spec!r}: use one of {', '.join(NAMED)}, or "
