@@ -12,7 +12,8 @@ which is the method's order of convergence.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence
+from functools import lru_cache
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 
@@ -50,13 +51,19 @@ class AdamsBashforth(Solver):
         return x_next, denoised, directions[: self.max_order - 1]
 
 
-def lagrange_integrals(nodes: Sequence[float], lo: float, hi: float,
-                       variable: Callable[[np.ndarray], np.ndarray] = lambda s: s) -> List[float]:
+def _identity(sigma):
+    return sigma
+
+
+@lru_cache(maxsize=4096)
+def lagrange_integrals(nodes: Tuple[float, ...], lo: float, hi: float,
+                       variable: Callable[[np.ndarray], np.ndarray] = _identity) -> List[float]:
     """``[integral from lo to hi of l_j(variable(sigma)) dsigma]`` for the Lagrange basis l_j on ``nodes``.
 
     The basis is built in the variable ``u = variable(sigma)`` (nodes are given in that variable).
     Integration is 64-point Gauss-Legendre in sigma, exact for polynomial integrands up to degree
-    127 and accurate to rounding for the smooth VP-time integrands of DEIS.
+    127 and accurate to rounding for the smooth VP-time integrands of DEIS.  Cached: a grid's
+    weights are computed once, not at every batch.
     """
     sigma = 0.5 * (hi - lo) * _GAUSS_NODES + 0.5 * (hi + lo)
     u = variable(sigma)

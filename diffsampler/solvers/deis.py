@@ -33,5 +33,5 @@ class DEIS(AdamsBashforth):
     summary = "DEIS tAB: Adams-Bashforth in VP time, orders 1-4 (4 = tAB3)"
 
     def coefficients(self, sigmas, i, order):
-        nodes = [float(_vp_time(sigmas[i - j])) for j in range(order)]
+        nodes = tuple(float(_vp_time(sigmas[i - j])) for j in range(order))
         return lagrange_integrals(nodes, sigmas[i], sigmas[i + 1], variable=_vp_time)

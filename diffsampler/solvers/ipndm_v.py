@@ -23,4 +23,4 @@ class IPNDMVariable(AdamsBashforth):
     summary = "variable-step Adams-Bashforth (exact on polynomials), orders 1-4"
 
     def coefficients(self, sigmas, i, order):
-        return lagrange_integrals([sigmas[i - j] for j in range(order)], sigmas[i], sigmas[i + 1])
+        return lagrange_integrals(tuple(sigmas[i - j] for j in range(order)), sigmas[i], sigmas[i + 1])
