@@ -11,6 +11,7 @@ trajectories transfers to all samples:
    teacher point i to sigma_j, ``x_i + (sigma_j - sigma_i) d_i``, and the teacher point x_j.
    Metrics: ``l2`` and ``l1`` norms, and ``dev``: the step's deviation from the straight line
    through the trajectory's start and end, minus the teacher's own deviation at j.
+   (:func:`warm_up` does steps 1-2 once per model; every solver and NFE reuses it.)
 3. Dynamic programming: K steps from point 0 to the last point minimizing
    ``C[p0, p1] + coeff * C[p1, p2] + coeff^2 * C[p2, p3] + ...`` (the paper's coefficient on the
    remaining-path cost), solved with back-pointers.
@@ -178,26 +179,52 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def optimize_schedule(denoiser, shape: Sequence[int], nfe: int = 5, solver="ipndm", *, teacher="ipndm",
-                      teacher_steps: int = 60, base_schedule="polynomial", base_options: Optional[dict] = None,
-                      sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, warmup: int = 256,
-                      first_seed: int = 0, batch: int = 64, metric: str = "l2", coeff: float = 1.15,
-                      afs: bool = False, cond: Optional[Callable[[List[int]], dict]] = None,
-                      dtype=torch.float32, device="cpu", model_name: Optional[str] = None, progress: bool = False,
-                      solver_options: Optional[dict] = None, teacher_options: Optional[dict] = None
-                      ) -> schedules_module.Schedule:
-    """Fit a GITS schedule for ``solver`` at ``nfe`` on ``denoiser``; returns a Schedule.
+@dataclass
+class WarmUp:
+    """The solver-independent part of a GITS search: the teacher grid and the mean cost matrix.
+
+    One warm-up serves every student solver and NFE (:meth:`schedule` is a DP away), as long as
+    AFS is not used (the AFS point is searched against the kept teacher endpoints)."""
+
+    grid: torch.Tensor
+    cost: torch.Tensor
+    settings: Dict[str, object]
+    timings: Dict[str, float]
+    kept: List[Tuple[torch.Tensor, Optional[dict], torch.Tensor]]     # (noise, cond, teacher endpoint)
+    denoiser: object = None
+
+    def schedule(self, nfe: int, solver="ipndm", afs: bool = False, coeff: float = 1.15,
+                 solver_options: Optional[dict] = None) -> schedules_module.Schedule:
+        student = get_solver(solver, **(solver_options or {}))
+        dp_steps = student.steps_for_nfe(nfe, afs) - int(afs)
+        _check_steps(dp_steps, len(self.grid))
+        timings = dict(self.timings)
+        t0 = time.perf_counter()
+        path = dp_schedule(self.cost, dp_steps, coeff)
+        timings["dp_s"] = time.perf_counter() - t0
+        if afs:
+            if not self.kept:
+                raise ValueError("this warm-up kept no teacher endpoints: run warm_up(..., keep_endpoints=True) for AFS")
+            t0 = time.perf_counter()
+            path = _choose_afs_point(self.denoiser, student, self.grid, path, self.kept)
+            timings["afs_s"] = time.perf_counter() - t0
+        info = {"made_by": "gits", "nfe": nfe, "solver": student.name, "afs": afs, **self.settings,
+                "coeff": coeff, "indices": path, "timings": timings, "diffsampler_version": __version__}
+        return schedules_module.Schedule(self.grid[path], info)
+
+
+def warm_up(denoiser, shape: Sequence[int], *, teacher="ipndm", teacher_steps: int = 60,
+            base_schedule="polynomial", base_options: Optional[dict] = None, sigma_min: Optional[float] = None,
+            sigma_max: Optional[float] = None, warmup: int = 256, first_seed: int = 0, batch: int = 64,
+            metric: str = "l2", cond: Optional[Callable[[List[int]], dict]] = None, dtype=torch.float32,
+            device="cpu", model_name: Optional[str] = None, progress: bool = False,
+            teacher_options: Optional[dict] = None, keep_endpoints: bool = False) -> WarmUp:
+    """Teacher trajectories for ``warmup`` seeds and their mean cost matrix (steps 1-2 of GITS).
 
     ``cond`` maps a list of warm-up seeds to the conditioning of that batch (e.g. random labels).
     The warm-up seeds are ``first_seed .. first_seed + warmup - 1``; under torchrun they are split
     across ranks and the cost matrix is summed over all of them.
     """
-    student = get_solver(solver, **(solver_options or {}))
-    total_steps = student.steps_for_nfe(nfe, afs)
-    dp_steps = total_steps - int(afs)
-    _check_steps(dp_steps, teacher_steps + 1)
-    if afs and dp_steps < 1:
-        raise ValueError("AFS needs at least one step besides the free first one")
     default_min, default_max = sigma_range(denoiser)
     sigma_min = default_min if sigma_min is None else sigma_min
     sigma_max = default_max if sigma_max is None else sigma_max
@@ -209,7 +236,7 @@ def optimize_schedule(denoiser, shape: Sequence[int], nfe: int = 5, solver="ipnd
     timings = {"teacher_s": 0.0, "cost_matrix_s": 0.0, "dp_s": 0.0, "afs_s": 0.0}
     cost_sum = torch.zeros(len(grid), len(grid), dtype=torch.float64)
     batches = [seeds[k:k + batch] for k in range(0, len(seeds), batch)]
-    kept = []                                         # (noise, cond, teacher endpoint) per batch, for AFS
+    kept = []
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
@@ -223,27 +250,31 @@ def optimize_schedule(denoiser, shape: Sequence[int], nfe: int = 5, solver="ipnd
         cost_sum += cost_matrix(traj.states, traj.directions, grid, metric=metric, reduction="sum").cpu()
         timings["teacher_s"] += t1 - t0
         timings["cost_matrix_s"] += time.perf_counter() - t1
-        if afs:
+        if keep_endpoints:
             kept.append((noise, batch_cond, traj.states[-1]))
     count = _all_reduce(torch.tensor([float(len(seeds))], dtype=torch.float64))
     cost = _all_reduce(cost_sum) / count
     cost.masked_fill_(torch.ones_like(cost, dtype=torch.bool).tril(), float("inf"))
-    t0 = time.perf_counter()
-    path = dp_schedule(cost, dp_steps, coeff)
-    timings["dp_s"] = time.perf_counter() - t0
-    if afs:
-        t0 = time.perf_counter()
-        path = _choose_afs_point(denoiser, student, grid, path, kept)
-        timings["afs_s"] = time.perf_counter() - t0
-    info = {
-        "made_by": "gits", "nfe": nfe, "solver": student.name, "afs": afs, "model": model_name,
-        "shape": list(shape), "sigma_min": float(grid[-1]), "sigma_max": float(grid[0]), "metric": metric,
-        "coeff": coeff, "teacher": teacher, "teacher_steps": teacher_steps,
-        "base_schedule": base_schedule if isinstance(base_schedule, str) else "custom",
-        "base_options": dict(base_options or {}), "warmup": int(count.item()), "indices": path,
-        "timings": timings, "diffsampler_version": __version__,
-    }
-    return schedules_module.Schedule(grid[path], info)
+    settings = {"model": model_name, "shape": list(shape), "sigma_min": float(grid[-1]), "sigma_max": float(grid[0]),
+                "metric": metric, "teacher": teacher, "teacher_steps": len(grid) - 1,
+                "base_schedule": base_schedule if isinstance(base_schedule, str) else "custom",
+                "base_options": dict(base_options or {}), "warmup": int(count.item())}
+    return WarmUp(grid, cost, settings, timings, kept, denoiser)
+
+
+def optimize_schedule(denoiser, shape: Sequence[int], nfe: int = 5, solver="ipndm", *, coeff: float = 1.15,
+                      afs: bool = False, solver_options: Optional[dict] = None, **warm_up_options
+                      ) -> schedules_module.Schedule:
+    """Fit a GITS schedule for ``solver`` at ``nfe`` on ``denoiser``; returns a Schedule.
+
+    ``warm_up_options`` are those of :func:`warm_up` (teacher, teacher_steps, base_schedule,
+    warmup, metric, cond, ...).  To tune several solvers or NFEs on one model, call
+    :func:`warm_up` once and :meth:`WarmUp.schedule` for each."""
+    student = get_solver(solver, **(solver_options or {}))
+    dp_steps = student.steps_for_nfe(nfe, afs) - int(afs)
+    _check_steps(dp_steps, warm_up_options.get("teacher_steps", 60) + 1)
+    warm = warm_up(denoiser, shape, keep_endpoints=afs, **warm_up_options)
+    return warm.schedule(nfe, student, afs=afs, coeff=coeff)
 
 
 def _choose_afs_point(denoiser, student, grid, path, kept) -> List[int]:

@@ -14,7 +14,7 @@ the warm-up seeds.
   split into teacher sampling, cost matrix and DP, and the DP alone for a 61-point teacher.
 
     python evaluation/gits_benchmark.py                       # analytic models
-    python evaluation/gits_benchmark.py --fid --fid-images 1000 --cost   # bundled model parts
+    python evaluation/gits_benchmark.py --skip-endpoint --fid --cost     # bundled model parts (after fid_benchmark.py)
 """
 from __future__ import annotations
 
@@ -43,20 +43,20 @@ NFES = tuple(range(3, 11))
 WARMUP_FIRST_SEED = 100_000
 
 
-def tuned(model, solver, nfe, warmup, cond=None):
-    return gits.optimize_schedule(model, model.shape, nfe=nfe, solver=solver, warmup=warmup,
-                                  first_seed=WARMUP_FIRST_SEED, dtype=torch.float64, cond=cond)
+def warm(model, warmup, cond=None, dtype=torch.float64):
+    """One teacher warm-up per model; each solver/NFE schedule is a DP on its cost matrix."""
+    return gits.warm_up(model, model.shape, warmup=warmup, first_seed=WARMUP_FIRST_SEED, dtype=dtype, cond=cond)
 
 
 def endpoint_section(spec, seeds, warmup, log):
     model = load_model(spec)
     ref, _ = reference(model, spec, seeds, 1e-9, 64, HERE / ".cache")
     noise = seed_noise(range(seeds), model.shape, dtype=torch.float64)
-    rows = {}
+    rows, warmed = {}, warm(model, warmup)
     for solver in SOLVERS:
         for nfe in NFES:
             base = sample(model, noise, solver=solver, nfe=nfe).samples
-            schedule = tuned(model, solver, nfe, warmup)
+            schedule = warmed.schedule(nfe, solver)
             mine = sample(model, noise, solver=solver, schedule=schedule).samples
             rmse = lambda out: float(((out - ref) ** 2).flatten(1).mean(1).sqrt().mean())
             rows.setdefault(solver, {})[nfe] = {"base": rmse(base), "gits": rmse(mine),
@@ -65,48 +65,35 @@ def endpoint_section(spec, seeds, warmup, log):
     return rows
 
 
-def bundled_model():
-    from diffsampler.models.bundled import load_bundled
-    return load_bundled("fashion-mnist")
-
-
-def labels_cond(model):
-    from diffsampler.generate import one_hot_labels, seed_labels
-    return lambda seeds: {"class_labels": one_hot_labels(seed_labels(seeds, model.num_classes), model.num_classes)}
-
-
 def fid_section(images, warmup, log):
-    from diffsampler.images import to_uint8
-    from diffsampler.metrics import CLASSIFIER
-    from diffsampler.metrics import fid
-    from diffsampler.metrics.sources import ImageArray
-    model, cond = bundled_model(), None
-    cond = labels_cond(model)
-    ref = fid.load_reference(HERE.parent / "checkpoints" / "fashion-mnist-classifier" / "reference-train.npz")
-    seeds = list(range(images))
-
-    def score(**kwargs):
-        pixels = []
-        for k in range(0, images, 250):
-            chunk = seeds[k:k + 250]
-            out = sample(model, seed_noise(chunk, model.shape), cond=cond(chunk), **kwargs).samples
-            pixels.append(to_uint8(out))
-        features = fid.extract_features(ImageArray(np.concatenate(pixels), "samples"), CLASSIFIER)
-        return fid.frechet_distance(fid.statistics(features), ref)
-
-    rows = {"heun_nfe35": score(solver="heun", nfe=34)}
+    from bundled import bundled_model, labels_cond, score
+    model = bundled_model()
+    rows = {"heun_nfe35": score(model, images, solver="heun", nfe=34)["fid"]}
     log(f"FID heun NFE 34: {rows['heun_nfe35']:.3f}")
+    warmed = warm(model, warmup, labels_cond(model), dtype=torch.float32)
+    base_scores = _base_scores(images)
     for solver in SOLVERS:
         for nfe in NFES:
-            schedule = gits.optimize_schedule(model, model.shape, nfe=nfe, solver=solver, warmup=warmup,
-                                              first_seed=WARMUP_FIRST_SEED, cond=cond)
-            rows.setdefault(solver, {})[nfe] = {"base": score(solver=solver, nfe=nfe),
-                                                "gits": score(solver=solver, schedule=schedule)}
-            log(f"FID {solver} NFE {nfe}: base {rows[solver][nfe]['base']:.3f}  gits {rows[solver][nfe]['gits']:.3f}")
+            base = base_scores.get((solver, nfe))
+            if base is None:
+                base = score(model, images, solver=solver, nfe=nfe)["fid"]
+            tuned = score(model, images, solver=solver, schedule=warmed.schedule(nfe, solver))["fid"]
+            rows.setdefault(solver, {})[nfe] = {"base": base, "gits": tuned}
+            log(f"FID {solver} NFE {nfe}: base {base:.3f}  gits {tuned:.3f}")
     return rows
 
 
+def _base_scores(images):
+    """Default-schedule FIDs already recorded by fid_benchmark.py with the same images, if any."""
+    path = HERE / "results" / "fid.json"
+    if not path.exists() or json.loads(path.read_text()).get("images") != images:
+        return {}
+    rows = json.loads(path.read_text()).get("rows", [])
+    return {(r["solver"], r["nfe"]): r["fid"] for r in rows if not r.get("afs") and r.get("schedule") == "default"}
+
+
 def cost_section(log):
+    from bundled import bundled_model, labels_cond
     model = bundled_model()
     start = time.perf_counter()
     schedule = gits.optimize_schedule(model, model.shape, nfe=5, solver="ipndm", warmup=256, batch=128,
@@ -167,7 +154,7 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=256)
     parser.add_argument("--fid", action="store_true")
-    parser.add_argument("--fid-images", type=int, default=1000)
+    parser.add_argument("--fid-images", type=int, default=500)
     parser.add_argument("--cost", action="store_true")
     parser.add_argument("--skip-endpoint", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results"))

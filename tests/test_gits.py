@@ -164,3 +164,16 @@ def test_cli_gits_then_show_then_sample(tmp_path):
     assert sampled.exit_code == 0 and "NFE per image 4" in sampled.output
     refused = runner.invoke(main, ["sample", "--schedule", str(out), "--outdir", str(tmp_path / "x")])
     assert refused.exit_code == 2 and "made for samples of shape" in refused.output
+
+
+def test_one_warm_up_serves_every_solver_and_nfe():
+    model = load_model("gmm:synthetic:4:1x4x4:0")
+    options = dict(warmup=8, teacher_steps=20, dtype=torch.float64)
+    warm = gits.warm_up(model, model.shape, **options)
+    for solver, nfe in (("euler", 3), ("ipndm", 5), ("heun", 6)):
+        direct = gits.optimize_schedule(model, model.shape, nfe=nfe, solver=solver, **options)
+        reused = warm.schedule(nfe, solver)
+        assert torch.equal(direct.sigmas, reused.sigmas) and direct.info["indices"] == reused.info["indices"]
+    assert len(warm.schedule(6, "heun").sigmas) == 4                  # 2 evaluations per step: 3 steps
+    with pytest.raises(ValueError, match="keep_endpoints=True"):
+        warm.schedule(4, "ipndm", afs=True)
