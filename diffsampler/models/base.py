@@ -37,6 +37,35 @@ class Denoiser:
         return self.denoise(x, sigma, **cond)
 
 
+class NetworkDenoiser(Denoiser):
+    """A denoiser around one ``torch.nn.Module`` (``self.net``), handled like a module."""
+
+    net: torch.nn.Module
+
+    def to(self, *args, **kwargs):
+        self.net.to(*args, **kwargs)
+        return self
+
+    def eval(self):
+        self.net.eval()
+        return self
+
+    def train(self, mode: bool = True):
+        self.net.train(mode)
+        return self
+
+    def parameters(self):
+        return self.net.parameters()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+
 def sigma_range(denoiser) -> Tuple[float, float]:
     """The (sigma_min, sigma_max) a denoiser declares; EDM's (0.002, 80) for a plain callable."""
     if isinstance(denoiser, Denoiser):

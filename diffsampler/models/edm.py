@@ -24,14 +24,13 @@ The matching training loss weight is ``lambda(sigma) = 1 / c_out(sigma)^2``; for
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .base import EDM_SIGMA_MAX, EDM_SIGMA_MIN, Denoiser
+from .base import EDM_SIGMA_MAX, EDM_SIGMA_MIN, NetworkDenoiser, per_sample_sigma
 
 Coefficients = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -106,7 +105,7 @@ def loss_weight(precond, sigma: torch.Tensor) -> torch.Tensor:
     return 1.0 / precond.coefficients(sigma)[1] ** 2
 
 
-class EDMDenoiser(Denoiser):
+class EDMDenoiser(NetworkDenoiser):
     """A raw network wrapped with preconditioning into a :class:`~diffsampler.models.base.Denoiser`.
 
     ``net(x_in, c_noise, class_labels=...)`` is any module with that signature (for example
@@ -141,30 +140,6 @@ class EDMDenoiser(Denoiser):
         self.num_classes = int(num_classes)
         self.channels_last = channels_last
 
-    # -- conveniences so the wrapper can be handled like a module ---------------------------
-    def to(self, *args, **kwargs) -> "EDMDenoiser":
-        self.net.to(*args, **kwargs)
-        return self
-
-    def eval(self) -> "EDMDenoiser":
-        self.net.eval()
-        return self
-
-    def train(self, mode: bool = True) -> "EDMDenoiser":
-        self.net.train(mode)
-        return self
-
-    def parameters(self):
-        return self.net.parameters()
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.net.parameters()).dtype
-
     # -- the denoiser ------------------------------------------------------------------------
     def coefficients(self, sigma: torch.Tensor) -> Coefficients:
         return self.precond.coefficients(sigma)
@@ -192,11 +167,7 @@ class EDMDenoiser(Denoiser):
             raise TypeError(f"unexpected conditioning keywords {sorted(cond)}; only class_labels is supported")
         dtype = self.dtype
         batch = x.shape[0]
-        sigma = torch.as_tensor(sigma, device=x.device).to(dtype).reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(batch)
-        if sigma.shape[0] != batch:
-            raise ValueError(f"sigma must have shape ({batch},), got {tuple(sigma.shape)}")
+        sigma = per_sample_sigma(sigma, batch, x.device, dtype)
         labels = self._labels(class_labels, batch, dtype, x.device)
         c_skip, c_out, c_in, _ = self.precond.coefficients(sigma)
         # sigma = 0 would give c_noise = -inf; the output there is x anyway (c_out = 0).

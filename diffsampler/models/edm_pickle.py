@@ -47,7 +47,7 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
-from .base import EDM_SIGMA_MAX, EDM_SIGMA_MIN, Denoiser
+from .base import EDM_SIGMA_MAX, EDM_SIGMA_MIN, NetworkDenoiser
 
 FORMAT_VERSION = 6
 RECONSTRUCT_MODULE = "torch_utils.persistence"
@@ -398,7 +398,7 @@ def load_edm_snapshot(path: PathLike, trust: bool = False, key: str = "ema", dev
 # The denoiser
 # ------------------------------------------------------------------------------------------------
 
-class EDMNetworkDenoiser(Denoiser):
+class EDMNetworkDenoiser(NetworkDenoiser):
     """An EDM preconditioned network (``EDMPrecond``, ``VPPrecond``, ``VEPrecond``, ...) as a Denoiser.
 
     Such a network already is ``D(x, sigma, class_labels) -> x0`` in the VE parametrization (it
@@ -425,21 +425,6 @@ class EDMNetworkDenoiser(Denoiser):
         self.sigma_min = max(EDM_SIGMA_MIN, net_min)
         self.sigma_max = min(EDM_SIGMA_MAX, net_max)
         self.sigma_data = float(getattr(net, "sigma_data", 0.5))
-
-    def to(self, *args, **kwargs) -> "EDMNetworkDenoiser":
-        self.net.to(*args, **kwargs)
-        return self
-
-    def eval(self) -> "EDMNetworkDenoiser":
-        self.net.eval()
-        return self
-
-    def parameters(self):
-        return self.net.parameters()
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
 
     def _labels(self, class_labels, batch: int, device) -> Optional[torch.Tensor]:
         if self.num_classes <= 0:

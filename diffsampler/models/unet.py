@@ -22,8 +22,8 @@ plain dict next to the weights so that the model can be rebuilt with ``UNet.from
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
