@@ -1,6 +1,6 @@
 """Model specs: the strings ``--model`` accepts, turned into denoisers.
 
-    fashion-mnist               the bundled EDM U-Net trained on Fashion-MNIST (class-conditional)
+    fashion-mnist               the bundled EDM U-Net trained on Fashion-MNIST (class-conditional; default)
     digits                      the optimal denoiser of scikit-learn's 8x8 digits
     diffusers:DIR               a saved diffusers pipeline (pixel UNet, Stable Diffusion, SD3, ...)
     edm:PATH.pkl                an NVlabs EDM network snapshot; unpickling runs code from the file, so it
@@ -19,7 +19,7 @@ import torch
 
 from .gmm import GaussianMixture
 
-DEFAULT_MODEL = "digits"
+DEFAULT_MODEL = "fashion-mnist"
 
 
 def _dataset_kde(name: str, arg: str) -> GaussianMixture:
