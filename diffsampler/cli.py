@@ -51,6 +51,18 @@ def _parse_options(pairs, flag):
     return options
 
 
+def _parse_request(seeds, solver_option, max_order, schedule_option):
+    """The seed list, solver options and schedule options shared by sample and analyze."""
+    try:
+        seed_list = parse_seeds(seeds)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--seeds") from None
+    options = _parse_options(solver_option, "--option")
+    if max_order is not None:
+        options["max_order"] = max_order
+    return seed_list, options, _parse_options(schedule_option, "--schedule-option")
+
+
 def _parse_sigmas(text):
     try:
         return [float(s) for s in text.split(",") if s.strip()]
@@ -136,14 +148,7 @@ def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_
     `torchrun --nproc_per_node N -m diffsampler sample ...` (seeds are split across processes).
     """
     schedule_arg = schedule
-    try:
-        seed_list = parse_seeds(seeds)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--seeds") from None
-    options = _parse_options(solver_option, "--option")
-    if max_order is not None:
-        options["max_order"] = max_order
-    schedule_options = _parse_options(schedule_option, "--schedule-option")
+    seed_list, options, schedule_options = _parse_request(seeds, solver_option, max_order, schedule_option)
     grid_sigmas = _parse_sigmas(sigmas) if sigmas is not None else None
     try:
         solver_obj = get_solver(solver, **options)
@@ -454,14 +459,7 @@ def analyze_command(model, solver, nfe, schedule, schedule_option, max_order, so
                                   write_report)
     from .seeds import seed_noise
 
-    try:
-        seed_list = parse_seeds(seeds)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--seeds") from None
-    options = _parse_options(solver_option, "--option")
-    if max_order is not None:
-        options["max_order"] = max_order
-    schedule_options = _parse_options(schedule_option, "--schedule-option")
+    seed_list, options, schedule_options = _parse_request(seeds, solver_option, max_order, schedule_option)
     try:
         solver_obj = get_solver(solver, **options)
         denoiser = load_analysis_model(model)
