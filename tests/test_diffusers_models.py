@@ -86,6 +86,14 @@ class CountForwards:
 
 # --- tiny models ---------------------------------------------------------------------------------------
 
+def run_scheduler(sched, unet, noise):
+    """diffusers' own sampling loop: the scheduler stepping the UNet over its timesteps."""
+    x = noise.clone()
+    for t in sched.timesteps:
+        x = sched.step(unet(x, t).sample, t, x).prev_sample
+    return x
+
+
 def tiny_unet(num_class_embeds=None, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     unet = diffusers.UNet2DModel(
@@ -184,9 +192,7 @@ def test_euler_matches_ddim(unet, prediction_type):
         "table sigmas must map to exactly their integer timesteps"
     noise = pixel_noise()
     with torch.no_grad():
-        x = noise.clone()
-        for t in sched.timesteps:
-            x = sched.step(unet(x, t).sample, t, x).prev_sample
+        x = run_scheduler(sched, unet, noise)
         s0 = float(grid[0])
         result = sample(den, start_noise(den, noise, s0), "euler", sigmas=grid)
     assert result.nfe == 10
@@ -213,9 +219,7 @@ def test_dpmpp2_matches_dpmsolver_multistep(unet, prediction_type, num_steps):
     sched.sigmas = grid.clone()
     noise = pixel_noise()
     with torch.no_grad():
-        x = noise.clone()
-        for t in sched.timesteps:
-            x = sched.step(unet(x, t).sample, t, x).prev_sample
+        x = run_scheduler(sched, unet, noise)
         s0 = float(grid[0])
         result = sample(den, start_noise(den, noise, s0), "dpmpp", sigmas=grid, max_order=2, solver_type="midpoint")
         first = sample(den, start_noise(den, noise, s0), "dpmpp", sigmas=grid, max_order=1)

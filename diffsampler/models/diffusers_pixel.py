@@ -43,7 +43,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from .base import Denoiser, check_sample_shape, per_sample_sigma, work_dtype
+from .base import NetworkDenoiser, check_sample_shape, per_sample_sigma, work_dtype
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
@@ -125,7 +125,7 @@ def _unwrap(out):
     return out.sample
 
 
-class DiffusersDenoiser(Denoiser):
+class DiffusersDenoiser(NetworkDenoiser):
     """A diffusers UNet (``UNet2DModel``, ``UNet2DConditionModel``, ...) with a discrete VP
     schedule, as ``D(x, sigma, **cond) -> x0`` in the VE parametrization (module docstring).
 
@@ -236,16 +236,9 @@ class DiffusersDenoiser(Denoiser):
 
     # -- the denoiser --------------------------------------------------------------------------------
     @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    def to(self, *args, **kwargs) -> "DiffusersDenoiser":
-        self.unet.to(*args, **kwargs)
-        return self
+    def net(self) -> torch.nn.Module:
+        """The UNet, for the module conveniences of :class:`NetworkDenoiser` (to, device, dtype, ...)."""
+        return self.unet
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, **cond) -> torch.Tensor:
         check_sample_shape(self, x.shape)
