@@ -1,4 +1,4 @@
-"""Command line: ``diffsampler sample | list`` (also ``python -m diffsampler``)."""
+"""Command line: ``diffsampler sample | list | schedule | amed | fid | analyze`` (also ``python -m diffsampler``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -106,8 +106,10 @@ def _init_distributed(device: str) -> str:
 @main.command("sample")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Model spec: digits, gmm:digits[:STD], gmm:synthetic:K:CxHxW[:SEED], ...")
-@click.option("--solver", type=click.Choice(list(SOLVERS)), default="ipndm", show_default=True)
+@click.option("--solver", type=click.Choice(list(SOLVERS)), default=None, help="Solver (default ipndm).")
 @click.option("--nfe", type=click.IntRange(min=1), default=None, help="Model evaluations per sample (default 10).")
+@click.option("--amed", "amed_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="AMED predictor file (diffsampler amed train): samples with the solver, grid and AFS it was trained for.")
 @click.option("--schedule", default=None,
               help=f"Schedule name ({', '.join(SCHEDULES)}) or schedule file; default: the solver's own.")
 @click.option("--schedule-option", "schedule_option", multiple=True, metavar="KEY=VALUE",
@@ -139,7 +141,7 @@ def _init_distributed(device: str) -> str:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Dtype the model sees (solver arithmetic is float64 where the device has it).")
-def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_min, sigma_max, max_order,
+def sample_command(model, solver, nfe, amed_path, schedule, schedule_option, sigmas, sigma_min, sigma_max, max_order,
                    solver_option, afs, denoise_to_zero, trust_pickle, class_label, prompt, negative_prompt, guidance,
                    seeds, batch, outdir, write_grid, npz, device, dtype):
     """Sample images, one PNG per seed (in subfolders of 1000), plus a grid.
@@ -151,7 +153,7 @@ def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_
     seed_list, options, schedule_options = _parse_request(seeds, solver_option, max_order, schedule_option)
     grid_sigmas = _parse_sigmas(sigmas) if sigmas is not None else None
     try:
-        solver_obj = get_solver(solver, **options)
+        solver_obj = get_solver(solver or "ipndm", **options)
         denoiser = load_model(model, dtype=DTYPES[dtype], trust_pickle=trust_pickle)
         if denoiser.shape is None:
             raise ValueError(f"model {model!r} does not declare its sample shape")
@@ -160,6 +162,15 @@ def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_
             raise ValueError(f"model {model!r} makes samples with {denoiser.shape[0]} channels, which cannot be "
                              "written as images (PNG needs 1 or 3 channels)")
         fixed = resolve_schedule(schedule)[0] if schedule is not None and not schedule_options else None
+        if amed_path is not None:
+            from .amed import load as load_predictor
+            if options or schedule_options or sigma_min is not None or sigma_max is not None or denoise_to_zero:
+                raise ValueError("--amed fixes the solver and grid: drop solver/schedule options, --sigma-min/max "
+                                 "and --denoise-to-zero")
+            predictor = load_predictor(amed_path, device=device)
+            solver_obj, grid_sigmas, afs = predictor.sampling_request(denoiser, denoiser.shape, solver, nfe, schedule,
+                                                                      grid_sigmas, afs)
+            schedule = fixed = nfe = None
         if fixed is not None:
             check_schedule_fits(fixed, denoiser, (1, *denoiser.shape))
             schedule = fixed
@@ -178,7 +189,8 @@ def sample_command(model, solver, nfe, schedule, schedule_option, sigmas, sigma_
     if device != "cpu":
         denoiser = denoiser.to(device)
     nfe_used = solver_obj.num_evals(len(used_sigmas) - 1, afs, denoise_to_zero)
-    settings = {"model": model, "solver": solver, "solver_options": options,
+    settings = {"model": model, "solver": solver_obj.label if amed_path else (solver or "ipndm"),
+                "solver_options": options, "amed": str(amed_path) if amed_path else None,
                 "schedule": "explicit sigmas" if grid_sigmas else (str(schedule_arg) if schedule_arg else solver_obj.default_schedule),
                 "schedule_options": schedule_options, "afs": afs, "denoise_to_zero": denoise_to_zero,
                 "class": class_label, "prompt": prompt, "negative_prompt": negative_prompt, "guidance": guidance,
@@ -301,6 +313,65 @@ def schedule_show(path, plain):
             click.echo(f"{key}: {value}")
         click.echo("sigmas:")
     click.echo(str(schedule))
+
+
+@main.group("amed")
+def amed_group():
+    """Train AMED predictors (learned intermediate times for AMED-Solver and AMED-Plugin)."""
+
+
+@amed_group.command("train")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model spec (as for sample).")
+@click.option("--solver", type=click.Choice(["amed", "euler", "ipndm", "dpmpp", "dpm2"]), default="amed",
+              show_default=True, help="amed = AMED-Solver; a solver name = AMED-Plugin on that solver.")
+@click.option("--nfe", type=click.IntRange(min=1), required=True, help="Model evaluations per sample (2 per step).")
+@click.option("--afs/--no-afs", default=None, help="Analytical first step. Default: on when the NFE is odd (it needs it).")
+@click.option("--schedule", default=None, help="Schedule name or file (e.g. a GITS file made with --solver amed).")
+@click.option("--schedule-option", "schedule_option", multiple=True, metavar="KEY=VALUE")
+@click.option("--teacher", type=click.Choice(list(SOLVERS)), default="dpm2", show_default=True)
+@click.option("--M", "extra", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Teacher points inserted between two student points.")
+@click.option("--scale-dir", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Learn a direction scale in [1-c, 1+c] (0 = off).")
+@click.option("--scale-time", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Learn a time scale in [1-c, 1+c] (0 = off).")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=60, show_default=True, help="Training batches.")
+@click.option("--lr", type=float, default=1e-2, show_default=True)
+@click.option("--seed", "first_seed", type=click.IntRange(min=0), default=1_000_000, show_default=True,
+              help="First training seed.")
+@click.option("--feature-module", default=None,
+              help="Module whose output feeds the predictor (default: the model's bottleneck; 'denoised' = fallback).")
+@click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance scale to train with.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--trust-pickle", is_flag=True, default=False, help="Allow pickled models (edm:PATH.pkl).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Predictor file to write.")
+def amed_train(model, solver, nfe, afs, schedule, schedule_option, teacher, extra, scale_dir, scale_time, batch, iters,
+               lr, first_seed, feature_module, guidance, device, trust_pickle, out):
+    """Distill an AMED predictor from a teacher solver (progress bar shows the loss)."""
+    from .amed import train
+    try:
+        denoiser = load_model(model, trust_pickle=trust_pickle)
+        if denoiser.shape is None:
+            raise ValueError(f"model {model!r} does not declare its sample shape")
+        if type(denoiser).__name__ == "LatentDiffusion":
+            raise ValueError("amed train from the CLI takes pixel-space models; train text-to-image models from "
+                             "Python with diffsampler.amed.train(..., cond=...)")
+        denoiser, cond, _ = _conditioning(denoiser, None, None, None, guidance)
+        if device != "cpu":
+            denoiser = denoiser.to(device)
+        predictor = train(denoiser, denoiser.shape, solver=solver, nfe=nfe, afs=afs, schedule=schedule,
+                          schedule_options=_parse_options(schedule_option, "--schedule-option") or None,
+                          teacher=teacher, M=extra, scale_dir=scale_dir, scale_time=scale_time, batch=batch,
+                          iters=iters, lr=lr, first_seed=first_seed, cond=cond, feature_module=feature_module,
+                          device=device, model_name=model, progress=True)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.UsageError(str(err)) from None
+    predictor.save(out)
+    info = predictor.settings
+    click.echo(f"wrote {out}: {predictor.solver().label} at NFE {info['nfe']}{' with AFS' if info['afs'] else ''}, "
+               f"features from {predictor.feature_source!r} ({predictor.feature_dim}), final loss "
+               f"{info['final_loss']:.4g}, {info['train_seconds']:.1f} s")
 
 
 @main.group("fid")

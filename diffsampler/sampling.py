@@ -65,8 +65,13 @@ class Evaluator:
         self.called_at: List[Tuple[int, float]] = []   # (step, sigma) of every call
         self.bad = torch.zeros(max_calls, dtype=torch.bool, device=device)
 
-    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        sigma_t = torch.full((self.batch,), sigma, dtype=self.model_dtype, device=self.device)
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """``sigma``: a float, or a per-sample tensor (batch entries; AMED's learned points)."""
+        if isinstance(sigma, torch.Tensor):
+            sigma_t = sigma.reshape(-1).to(self.model_dtype).expand(self.batch) if sigma.numel() == 1 else \
+                sigma.reshape(self.batch).to(self.model_dtype)
+        else:
+            sigma_t = torch.full((self.batch,), sigma, dtype=self.model_dtype, device=self.device)
         out = self.denoiser(x.to(self.model_dtype), sigma_t, **self.cond)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -75,7 +80,7 @@ class Evaluator:
         if self.calls < len(self.bad):
             self.bad[self.calls] = ~torch.isfinite(out).all()
         self.calls += 1
-        self.called_at.append((self.step, sigma))
+        self.called_at.append((self.step, sigma.detach() if isinstance(sigma, torch.Tensor) else sigma))
         return out.to(self.work_dtype)
 
 
@@ -86,7 +91,7 @@ def analytical_first_step(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x - sigma / math.sqrt(1 + sigma ** 2) * x
 
 
-class _FirstCallAnalytic:
+class FirstCallAnalytic:
     """An evaluator whose first call is the analytical first step (AFS) and the rest the model."""
 
     def __init__(self, evaluate: Evaluator):
@@ -128,18 +133,18 @@ def resolve_grid(solver, nfe: Optional[int], schedule, schedule_options: Optiona
 
 
 @torch.no_grad()
-def sample(denoiser: Callable, noise: torch.Tensor, solver="ipndm", nfe: Optional[int] = None,
+def sample(denoiser: Callable, noise: torch.Tensor, solver=None, nfe: Optional[int] = None,
            schedule=None, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, *,
            sigmas: Optional[Sequence[float]] = None, schedule_options: Optional[dict] = None,
            cond: Optional[Dict[str, Any]] = None, afs: Optional[bool] = None, denoise_to_zero: bool = False,
            callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = False,
-           **solver_options) -> SampleResult:
+           amed=None, **solver_options) -> SampleResult:
     """Solve the probability-flow ODE from ``sigma_max * noise`` down to ``sigma_min``.
 
     Args:
         denoiser: ``D(x, sigma, **cond) -> x0`` (EDM parametrization; sigma is a (batch,) tensor).
         noise: standard normal tensor ``(batch, *shape)``; scaled by the grid's first sigma here.
-        solver: a registered solver name (see ``diffsampler list``) or a Solver instance.
+        solver: a registered solver name (see ``diffsampler list``) or a Solver instance; default ipndm.
         nfe: model evaluations to spend (the solver's NFE rule picks the number of steps).
         schedule: a schedule name, a :class:`~diffsampler.schedules.Schedule`, a schedule file, or a
             function; default: the solver's recommended schedule.  Options in ``schedule_options``.
@@ -152,9 +157,16 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver="ipndm", nfe: Optiona
         denoise_to_zero: finish with ``x = D(x, sigma_min)`` (one more evaluation).
         callback: called with a :class:`StepInfo` after every step.
         progress: show a tqdm progress bar.
+        amed: an AMED predictor (or its file, see :mod:`diffsampler.amed`): samples with the AMED
+            solver it was trained for, on its grid and AFS setting (conflicting requests are refused).
         **solver_options: the solver's dataclass fields, e.g. ``max_order=3``.
     """
-    solver = get_solver(solver, **solver_options)
+    if amed is not None:
+        if solver_options:
+            raise ValueError("solver options cannot be combined with amed= (the predictor fixes the solver)")
+        solver, sigmas, afs = _amed_request(amed, denoiser, noise, solver, nfe, schedule, sigmas, afs)
+        nfe, schedule = None, None
+    solver = get_solver("ipndm" if solver is None else solver, **solver_options)
     if not isinstance(noise, torch.Tensor) or noise.ndim < 2:
         shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
         raise ValueError(f"noise must be a tensor of shape (batch, *sample_shape) with at least 2 dims, got {shape}")
@@ -186,18 +198,26 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver="ipndm", nfe: Optiona
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc=f"{solver.name} nfe={expected}", leave=False)
-    for i in steps:
-        evaluate.step = i
-        step_evaluate = _FirstCallAnalytic(evaluate) if (afs and i == 0) else evaluate
-        x_next, denoised, state = solver.step(step_evaluate, x, i, grid_list, state)
-        if callback is not None:
-            callback(StepInfo(i, grid_list[i], x, denoised, grid_list[i + 1], x_next))
-        x = x_next
+    with solver.attach(denoiser):
+        for i in steps:
+            evaluate.step = i
+            step_evaluate = FirstCallAnalytic(evaluate) if (afs and i == 0) else evaluate
+            x_next, denoised, state = solver.step(step_evaluate, x, i, grid_list, state)
+            if callback is not None:
+                callback(StepInfo(i, grid_list[i], x, denoised, grid_list[i + 1], x_next))
+            x = x_next
     if denoise_to_zero:
         evaluate.step = num_steps
         x = evaluate(x, grid_list[-1])
     _raise_if_not_finite(evaluate)
     return SampleResult(samples=x.to(noise.dtype), nfe=evaluate.calls, sigmas=grid, solver=solver.name)
+
+
+def _amed_request(amed, denoiser, noise, solver, nfe, schedule, sigmas, afs):
+    from . import amed as amed_module
+    predictor = amed if isinstance(amed, amed_module.Predictor) else amed_module.load(amed, device=noise.device)
+    shape = tuple(noise.shape[1:]) if isinstance(noise, torch.Tensor) else ()
+    return predictor.sampling_request(denoiser, shape, solver, nfe, schedule, sigmas, afs)
 
 
 def check_schedule_fits(schedule: "schedules_module.Schedule", denoiser, noise_shape) -> None:
@@ -218,6 +238,8 @@ def _raise_if_not_finite(evaluate: Evaluator) -> None:
     if bool(bad.any()):
         call = int(bad.nonzero()[0])
         step, sigma = evaluate.called_at[call]
+        if isinstance(sigma, torch.Tensor):
+            sigma = float(sigma.flatten()[0])      # a per-sample sigma: name the first sample's
         raise NonFiniteOutputError(
             f"the model returned NaN or Inf at step {step} (sigma={sigma:.6g}, model evaluation {call + 1} "
             f"of {evaluate.calls}); check the model and its input range")

@@ -6,7 +6,8 @@ interval ``sigmas[i] -> sigmas[i + 1]`` of a descending grid:
     x_next, denoised, state = solver.step(evaluate, x, i, sigmas, state)
 
 ``evaluate(x, sigma) -> denoised`` is the (counted, conditioned) model; ``sigmas`` is a tuple of
-Python floats; ``denoised`` is the model's estimate at ``(x, sigmas[i])``; ``state`` is whatever
+Python floats (AMED's learned intermediate points make some entries per-sample tensors of shape
+``(batch, 1, ...)``; the solvers it plugs into use only arithmetic that broadcasts); ``denoised`` is the model's estimate at ``(x, sigmas[i])``; ``state`` is whatever
 history the method carries from step to step (``None`` for single-step methods).  The state is
 explicit: it goes in and comes out, nothing is mutated behind the caller's back.
 
@@ -20,8 +21,9 @@ denoise-to-zero adds one final evaluation at ``sigma_min``.  A grid of ``num_ste
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, Dict, List, Sequence, Tuple
+from typing import Any, Callable, ClassVar, ContextManager, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -45,6 +47,11 @@ class Solver:
 
     def init_state(self) -> Any:
         return None
+
+    def attach(self, denoiser) -> ContextManager:
+        """Context entered around a sampling run on ``denoiser``; solvers that read the model's
+        internals (AMED's bottleneck features) install their hooks here."""
+        return nullcontext()
 
     def step(self, evaluate: Evaluate, x: torch.Tensor, i: int, sigmas: Sequence[float],
              state: Any) -> Tuple[torch.Tensor, torch.Tensor, Any]:

@@ -18,10 +18,9 @@ variant ("midpoint", as the reference code and diffusers default, or "heun").
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from .exponential import ExponentialMultistep, lam
+from .exponential import ExponentialMultistep, expm1, lam
 from .registry import register
 
 
@@ -47,7 +46,7 @@ class DPMSolverPP(ExponentialMultistep):
         history = ((lam(sigma), denoised),) + tuple(state)
         order = self.step_order(i, len(sigmas) - 1, len(history))
         h = lam(sigma_next) - lam(sigma)
-        phi = math.expm1(-h)
+        phi = expm1(-h)
         x_next = (sigma_next / sigma) * x - phi * denoised
         if order >= 2:
             (lam_0, d_0), (lam_1, d_1) = history[0], history[1]

@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import torch
+
 from .base import Solver, check_order
 
 
-def lam(sigma: float) -> float:
-    return -math.log(sigma)
+def lam(sigma):
+    """lambda = -log(sigma), for a float or a per-sample tensor of sigmas."""
+    return -torch.log(sigma) if isinstance(sigma, torch.Tensor) else -math.log(sigma)
+
+
+def expm1(value):
+    """exp(value) - 1 without cancellation, for a float or a tensor."""
+    return torch.expm1(value) if isinstance(value, torch.Tensor) else math.expm1(value)
 
 
 @dataclass

@@ -1,0 +1,192 @@
+"""AMED-Solver and AMED-Plugin: exact reductions without a predictor, training against exact
+endpoints of the analytic digits model, the predictor file, model identity and the CLI."""
+import pytest
+import torch
+from click.testing import CliRunner
+
+from diffsampler import amed, gits, sample
+from diffsampler.cli import main
+from diffsampler.models.edm import EDMDenoiser
+from diffsampler.models.features import FALLBACK, find_feature_module
+from diffsampler.models.specs import load_model
+from diffsampler.models.unet import UNet, UNetConfig
+from diffsampler.reference import solve_ode
+from diffsampler.seeds import seed_noise
+from diffsampler.solvers import get_solver
+
+from conftest import mixture
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model = load_model("gmm:digits")
+    noise = seed_noise(range(48), model.shape, dtype=torch.float64)
+    return model, noise, solve_ode(model, noise * 80.0, 80.0, 0.002, tol=1e-9)
+
+
+def rmse(out, ref):
+    return float((out - ref).flatten(1).pow(2).mean(1).sqrt().mean())
+
+
+def tiny_unet_denoiser(seed=0, num_classes=0):
+    net = UNet(UNetConfig(image_size=8, base_channels=8, channel_mult=(1, 2), groups=4, num_classes=num_classes))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return EDMDenoiser(net, shape=(1, 8, 8), num_classes=num_classes).eval()
+
+
+# --- exact reductions -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("nfe,afs", [(4, False), (6, False), (5, True)])
+def test_amed_solver_at_half_without_scales_is_the_midpoint_solver(nfe, afs):
+    model = mixture()
+    noise = torch.randn(5, 12, dtype=torch.float64)
+    ours = sample(model, noise, solver="amed", nfe=nfe, afs=afs)
+    midpoint = sample(model, noise, solver="dpm2", r=0.5, nfe=nfe, afs=afs)
+    assert ours.nfe == midpoint.nfe == nfe
+    assert torch.equal(ours.samples, midpoint.samples)
+
+
+@pytest.mark.parametrize("base", ["euler", "ipndm", "dpmpp"])
+def test_plugin_with_fixed_midpoints_is_the_base_solver_on_the_interleaved_grid(base):
+    model = mixture()
+    noise = torch.randn(5, 12, dtype=torch.float64)
+    coarse = [80.0, 9.0, 1.3, 0.2, 0.002]
+    fine = [s for a, b in zip(coarse[:-1], coarse[1:]) for s in (a, a ** 0.5 * b ** 0.5)] + [coarse[-1]]
+    plugin = sample(model, noise, solver="amed", base=base, sigmas=coarse)
+    direct = sample(model, noise, solver=base, sigmas=fine)
+    assert plugin.nfe == direct.nfe == 8
+    torch.testing.assert_close(plugin.samples, direct.samples, rtol=0, atol=1e-12)
+
+
+def test_dpm2_plugin_with_fixed_r_is_dpm2():
+    model = mixture()
+    noise = torch.randn(5, 12, dtype=torch.float64)
+    ours = sample(model, noise, solver="amed", base="dpm2", r=0.3, nfe=6)
+    theirs = sample(model, noise, solver="dpm2", r=0.3, nfe=6)
+    assert torch.equal(ours.samples, theirs.samples)
+
+
+def test_nfe_rule_with_afs_is_the_papers():
+    solver = get_solver("amed")
+    assert solver.steps_for_nfe(5, afs=True) == 3         # num_steps 4 (points) with AFS: NFE 5
+    with pytest.raises(ValueError, match="nfe must be one of 1, 3, 5, 7"):
+        solver.steps_for_nfe(4, afs=True)
+    with pytest.raises(ValueError, match="base solver must be one of euler, ipndm, dpmpp, dpm2"):
+        get_solver("amed", base="unipc")
+
+
+# --- training against exact endpoints ------------------------------------------------------
+
+@pytest.mark.parametrize("nfe", [3, 4, 5, 6])
+@pytest.mark.parametrize("solver", ["amed", "ipndm"])
+def test_training_beats_the_base_solver_on_the_analytic_model(digits, solver, nfe):
+    model, noise, exact = digits
+    predictor = amed.train(model, solver=solver, nfe=nfe, iters=30, batch=32)
+    trained = sample(model, noise, amed=predictor)
+    assert trained.nfe == nfe
+    base = "dpm2" if solver == "amed" else solver
+    base_errors = [rmse(sample(model, noise, solver=base, nfe=nfe, afs=afs).samples, exact)
+                   for afs in (False, True) if nfe in get_solver(base).valid_nfes(afs)]
+    assert rmse(trained.samples, exact) < 0.9 * min(base_errors), (rmse(trained.samples, exact), base_errors)
+
+
+def test_saved_predictor_reloads_to_identical_samples(tmp_path):
+    model = mixture()
+    predictor = amed.train(model, solver="ipndm", nfe=5, iters=5, batch=8, scale_dir=0.1, scale_time=0.05)
+    noise = torch.randn(6, 12, dtype=torch.float64)
+    before = sample(model, noise, amed=predictor).samples
+    path = predictor.save(tmp_path / "p.pt")
+    loaded = amed.load(path)
+    assert loaded.settings["solver"] == "ipndm" and loaded.settings["nfe"] == 5 and loaded.afs
+    assert torch.equal(sample(model, noise, amed=loaded).samples, before)
+    assert torch.equal(sample(model, noise, amed=str(path)).samples, before)
+
+
+def test_gradients_reach_only_the_predictor():
+    model = tiny_unet_denoiser()
+    weights = {k: v.clone() for k, v in model.net.state_dict().items()}
+    predictor = amed.train(model, solver="amed", nfe=4, iters=3, batch=4, M=1)
+    assert predictor.feature_source == "mid" and predictor.feature_dim == 16
+    assert all(torch.equal(weights[k], v) for k, v in model.net.state_dict().items())
+    assert all(p.grad is None and p.requires_grad for p in model.net.parameters())
+    assert any(float(p.detach().abs().sum()) > 0 for p in predictor.net[-1].parameters())   # it moved off zero
+
+
+def test_learned_points_are_per_sample_and_batch_independent():
+    model = tiny_unet_denoiser(seed=1)
+    predictor = amed.train(model, solver="ipndm", nfe=4, iters=3, batch=4, M=1, lr=0.1)
+    noise = seed_noise(range(4), (1, 8, 8))
+    together = sample(model, noise, amed=predictor).samples
+    alone = torch.cat([sample(model, noise[k:k + 1], amed=predictor).samples for k in range(4)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    r, _, _ = predictor(torch.randn(4, predictor.feature_dim), 80.0, 5.0)
+    assert r.shape == (4,) and len(set(r.tolist())) == 4           # one intermediate time per sample
+
+
+def test_feature_module_lookup():
+    assert find_feature_module(tiny_unet_denoiser())[0] == "mid"
+    assert find_feature_module(mixture())[0] == FALLBACK
+    with pytest.raises(ValueError, match="no module named 'nope'"):
+        find_feature_module(tiny_unet_denoiser(), "nope")
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+def test_predictor_for_another_model_or_request_is_refused(tmp_path):
+    model = tiny_unet_denoiser()
+    predictor = amed.train(model, solver="amed", nfe=4, iters=1, batch=2, M=0)
+    noise = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="trained for another model"):
+        sample(tiny_unet_denoiser(seed=5), noise, amed=predictor)
+    with pytest.raises(ValueError, match="trained for NFE 4, not 6"):
+        sample(model, noise, amed=predictor, nfe=6)
+    with pytest.raises(ValueError, match="brings its own grid"):
+        sample(model, noise, amed=predictor, schedule="logsnr")
+    with pytest.raises(ValueError, match="trained without AFS"):
+        sample(model, noise, amed=predictor, afs=True)
+    with pytest.raises(ValueError, match="trained for solver 'amed', not 'ipndm'"):
+        sample(model, noise, amed=predictor, solver="ipndm")
+    with pytest.raises(ValueError, match=r"shape \(1, 8, 8\), not \(1, 4, 4\)"):
+        sample(model, torch.randn(2, 1, 4, 4), amed=predictor)
+    (tmp_path / "junk.pt").write_bytes(b"not a predictor")
+    with pytest.raises(ValueError, match="is not an AMED predictor file"):
+        amed.load(tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="valid: amed, euler, ipndm, dpmpp, dpm2"):
+        amed.train(model, solver="unipc", nfe=4)
+
+
+# --- GITS schedules ---------------------------------------------------------------------------
+
+def test_training_on_a_gits_schedule_file(tmp_path):
+    model = mixture()
+    schedule = gits.optimize_schedule(model, model.shape, nfe=5, solver="amed", afs=True, warmup=16,
+                                      teacher_steps=12, dtype=torch.float64)
+    path = schedule.save(tmp_path / "gits.json")
+    predictor = amed.train(model, solver="ipndm", nfe=5, schedule=str(path), iters=2, batch=4)
+    assert predictor.afs and predictor.sigmas == tuple(float(s) for s in schedule.sigmas)
+    assert sample(model, torch.randn(3, 12, dtype=torch.float64), amed=predictor).nfe == 5
+    for_ipndm = gits.optimize_schedule(model, model.shape, nfe=5, solver="ipndm", warmup=16, teacher_steps=12,
+                                       dtype=torch.float64).save(tmp_path / "ipndm.json")
+    with pytest.raises(ValueError, match="make the schedule for solver 'amed'"):
+        amed.train(model, solver="ipndm", nfe=5, schedule=str(for_ipndm), iters=1, batch=2)
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+def test_cli_trains_and_samples_with_a_predictor(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "p.pt"
+    result = runner.invoke(main, ["amed", "train", "--model", "gmm:digits", "--solver", "dpmpp", "--nfe", "5",
+                                  "--iters", "3", "--batch", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "amed-plugin:dpmpp at NFE 5 with AFS" in result.output
+    result = runner.invoke(main, ["sample", "--model", "gmm:digits", "--amed", str(out), "--seeds", "0-3",
+                                  "--outdir", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert "NFE per image 5" in result.output and len(list((tmp_path / "s").rglob("*.png"))) >= 4
+    result = runner.invoke(main, ["sample", "--model", "gmm:digits", "--amed", str(out), "--nfe", "7",
+                                  "--outdir", str(tmp_path / "t")])
+    assert result.exit_code != 0 and "trained for NFE 5, not 7" in result.output
