@@ -329,14 +329,14 @@ def amed_group():
 @click.option("--schedule", default=None, help="Schedule name or file (e.g. a GITS file made with --solver amed).")
 @click.option("--schedule-option", "schedule_option", multiple=True, metavar="KEY=VALUE")
 @click.option("--teacher", type=click.Choice(list(SOLVERS)), default="dpm2", show_default=True)
-@click.option("--M", "extra", type=click.IntRange(min=0), default=3, show_default=True,
+@click.option("--M", "extra", type=click.IntRange(min=0), default=1, show_default=True,
               help="Teacher points inserted between two student points.")
 @click.option("--scale-dir", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Learn a direction scale in [1-c, 1+c] (0 = off).")
 @click.option("--scale-time", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Learn a time scale in [1-c, 1+c] (0 = off).")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--iters", type=click.IntRange(min=1), default=60, show_default=True, help="Training batches.")
+@click.option("--iters", type=click.IntRange(min=1), default=40, show_default=True, help="Training batches.")
 @click.option("--lr", type=float, default=1e-2, show_default=True)
 @click.option("--seed", "first_seed", type=click.IntRange(min=0), default=1_000_000, show_default=True,
               help="First training seed.")

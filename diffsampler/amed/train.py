@@ -69,8 +69,8 @@ def _student_grid(student, denoiser, shape, nfe, afs, schedule, schedule_options
 def train(denoiser, shape: Optional[Sequence[int]] = None, solver: str = "amed", nfe: Optional[int] = 5, *,
           afs: Optional[bool] = None, schedule=None, schedule_options: Optional[dict] = None,
           sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, teacher: str = "dpm2",
-          M: int = 3, teacher_options: Optional[dict] = None, scale_dir: float = 0.0, scale_time: float = 0.0,
-          hidden: int = 64, batch: int = 32, iters: int = 60, lr: float = 1e-2, first_seed: int = TRAIN_SEEDS,
+          M: int = 1, teacher_options: Optional[dict] = None, scale_dir: float = 0.0, scale_time: float = 0.0,
+          hidden: int = 64, batch: int = 32, iters: int = 40, lr: float = 1e-2, first_seed: int = TRAIN_SEEDS,
           cond: Optional[Callable[[List[int]], dict]] = None, feature_module: Optional[str] = None,
           dtype=torch.float32, device="cpu", model_name: Optional[str] = None, progress: bool = False,
           log: Optional[Callable[[int, float], None]] = None) -> Predictor:

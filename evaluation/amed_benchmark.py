@@ -1,0 +1,186 @@
+"""AMED-Solver and AMED-Plugin against their base solvers, with and without GITS schedules.
+
+Rows at NFE 3..6 (AMED makes two evaluations per step, so odd NFEs use AFS, as in the paper):
+
+* ``dpm2`` / ``ipndm`` / ``dpmpp``: the base solvers on their default schedules, the better of
+  with and without AFS (dpm2 only exists with AFS at odd NFE);
+* ``amed``: AMED-Solver; ``amed-ipndm`` / ``amed-dpmpp``: AMED-Plugin on those solvers; each
+  trained with the package defaults (teacher dpm2 with M = 3, 40 batches of 32, Adam 1e-2)
+  on seeds from 1,000,000 on, evaluated on seeds 0..N-1;
+* ``+gits``: the same on a GITS schedule (teacher iPNDM, 61 points, 256 warm-up seeds), made
+  for the student's NFE rule (``--solver amed`` for AMED, the base's own for the base solvers).
+
+Sections:
+* ``--analytic``: endpoint RMSE to the exact endpoint on the digits optimal denoiser (256 seeds,
+  reference endpoints shared with endpoint_error.py's cache);
+* ``--bundled``: the bundled Fashion-MNIST model: FID with the bundled classifier extractor
+  (``--images``) and RMSE to a converged sample of the same seed (Heun NFE 160, cached), and the
+  training time of every predictor on this CPU.  Written after every row; a rerun resumes.
+
+    python evaluation/amed_benchmark.py --analytic
+    python evaluation/amed_benchmark.py --bundled --images 1000
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import diffsampler
+from diffsampler import amed, gits, sample
+from diffsampler.fileio import write_atomic
+from diffsampler.models.specs import load_model
+from diffsampler.seeds import seed_noise
+from diffsampler.solvers import get_solver
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from endpoint_error import reference  # noqa: E402
+
+NFES = (3, 4, 5, 6)
+BASES = ("dpm2", "ipndm", "dpmpp")
+STUDENTS = {"amed": "amed", "amed-ipndm": "ipndm", "amed-dpmpp": "dpmpp"}
+GITS_SEED = 100_000
+
+
+def rmse(out, ref):
+    return float((out.double() - ref.double()).flatten(1).pow(2).mean(1).sqrt().mean())
+
+
+def runs(model, nfe, warm=None, cond=None, log=print, done=()):
+    """(label, sample kwargs, train seconds) for every row at this NFE not in ``done``."""
+    afs = nfe % 2 == 1
+    for base in BASES:
+        options = [a for a in (False, True) if nfe in get_solver(base).valid_nfes(a)]
+        if base not in done:
+            yield base, [dict(solver=base, nfe=nfe, afs=a) for a in options], None
+        if warm is not None and base + "+gits" not in done:
+            yield base + "+gits", [dict(solver=base, schedule=warm.schedule(nfe, base, afs=a), afs=a) for a in options], None
+    for label, student in STUDENTS.items():
+        for tuned in ((False, True) if warm is not None else (False,)):
+            if label + ("+gits" if tuned else "") in done:
+                continue
+            schedule = warm.schedule(nfe, "amed", afs=afs) if tuned else None
+            t0 = time.perf_counter()
+            predictor = amed.train(model, solver=student, nfe=nfe, afs=afs, schedule=schedule, cond=cond)
+            seconds = time.perf_counter() - t0
+            log(f"  trained {label}{'+gits' if tuned else ''} NFE {nfe} in {seconds:.1f} s "
+                f"(loss {predictor.settings['final_loss']:.4f})")
+            yield label + ("+gits" if tuned else ""), [dict(amed=predictor)], seconds
+
+
+def analytic_section(spec, seeds, log):
+    model = load_model(spec)
+    ref, _ = reference(model, spec, seeds, 1e-9, 64, HERE / ".cache")
+    noise = seed_noise(range(seeds), model.shape, dtype=torch.float64)
+    warm = gits.warm_up(model, model.shape, warmup=256, first_seed=GITS_SEED, dtype=torch.float64, keep_endpoints=True)
+    rows = {}
+    for nfe in NFES:
+        for label, requests, seconds in runs(model, nfe, warm, log=log):
+            error = min(rmse(sample(model, noise, **kw).samples, ref) for kw in requests)
+            rows.setdefault(label, {})[str(nfe)] = {"rmse": error, "train_s": seconds}
+            log(f"{spec} NFE {nfe} {label}: rmse {error:.4f}")
+    return rows
+
+
+def bundled_section(images, log, rows, save, gits_too=True):
+    """Fills ``rows`` (resuming the rows already there) and calls ``save()`` after each one."""
+    from bundled import bundled_model, labels_cond, score
+    model = bundled_model()
+    cond = labels_cond(model)
+    seeds = list(range(256))
+    noise, c = seed_noise(seeds, model.shape), cond(seeds)
+    cache = HERE / ".cache" / "bundled_heun160_seeds0-255.pt"
+    if cache.is_file():
+        ref = torch.load(cache)
+    else:
+        ref = sample(model, noise, solver="heun", nfe=160, cond=c).samples
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ref, cache)
+    warm = None
+    if gits_too:
+        warm = gits.warm_up(model, model.shape, warmup=256, first_seed=GITS_SEED, cond=cond, keep_endpoints=True,
+                            batch=128)
+    for nfe in NFES:
+        done = {label for label, per in rows.items() if str(nfe) in per}
+        for label, requests, seconds in runs(model, nfe, warm, cond, log, done):
+            best = None
+            for kw in requests:
+                error = rmse(sample(model, noise, cond=c, **kw).samples, ref)
+                if best is None or error < best[0]:
+                    best = (error, kw)
+            fid = score(model, images, **best[1])["fid"]
+            rows.setdefault(label, {})[str(nfe)] = {"rmse": best[0], "fid": fid, "train_s": seconds,
+                                               "afs": bool(best[1].get("afs", False))}
+            log(f"bundled NFE {nfe} {label}: rmse {best[0]:.4f} fid {fid:.3f}"
+                + (f" (trained {seconds:.0f} s)" if seconds else ""))
+            save()
+    return rows
+
+
+def markdown(report):
+    lines = ["# AMED-Solver and AMED-Plugin vs their base solvers", "",
+             f"Recorded {report['date']} on {report['machine']}; {report['threads']} thread(s), torch {report['torch']}.", ""]
+    sections = [("analytic", "Endpoint RMSE to the exact endpoint, gmm:digits (256 seeds)", ("rmse",)),
+                ("bundled", f"Bundled Fashion-MNIST model: FID (bundled classifier, {report.get('images')} images) "
+                            "and RMSE to a converged sample (Heun NFE 160, 256 seeds)", ("fid", "rmse"))]
+    for key, title, metrics in sections:
+        rows = report.get(key)
+        if not rows:
+            continue
+        for metric in metrics:
+            lines += [f"## {title}: {metric}", "", "| method | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
+                      "|---|" + "---|" * len(NFES)]
+            for label, per in rows.items():
+                cells = []
+                for n in NFES:
+                    entry = per.get(str(n))
+                    cells.append("-" if entry is None else f"{entry[metric]:.4f}" if metric == "rmse" else f"{entry[metric]:.3f}")
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append("")
+        times = [(label, n, e["train_s"]) for label, per in rows.items() for n, e in per.items() if e.get("train_s")]
+        if times:
+            lines += [f"Training time ({key}): " + ", ".join(f"{l} NFE {n}: {s:.0f} s" for l, n, s in times), ""]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--analytic", action="store_true")
+    parser.add_argument("--bundled", action="store_true")
+    parser.add_argument("--no-gits", action="store_true", help="Bundled section without the GITS rows.")
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "amed.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    report = json.loads(args.out.read_text()) if args.out.exists() else {}
+    report.update({"date": _dt.date.today().isoformat(), "machine": f"{platform.machine()}",
+                   "threads": args.threads, "torch": torch.__version__, "diffsampler": diffsampler.__version__})
+    log = lambda msg: print(msg, flush=True)
+    if args.analytic:
+        report["analytic"] = analytic_section("gmm:digits", args.seeds, log)
+
+    def save():
+        write_atomic(args.out, json.dumps(report, indent=1).encode())
+        write_atomic(args.out.with_suffix(".md"), markdown(report).encode())
+
+    if args.bundled:
+        if report.get("images") != args.images:
+            report["bundled"] = {}
+        report["images"] = args.images
+        report.setdefault("bundled", {})
+        bundled_section(args.images, log, report["bundled"], save, gits_too=not args.no_gits)
+    save()
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
