@@ -190,3 +190,17 @@ def test_cli_trains_and_samples_with_a_predictor(tmp_path):
     result = runner.invoke(main, ["sample", "--model", "gmm:digits", "--amed", str(out), "--nfe", "7",
                                   "--outdir", str(tmp_path / "t")])
     assert result.exit_code != 0 and "trained for NFE 5, not 7" in result.output
+
+
+def test_cli_predictor_trained_with_guidance_needs_the_same_guidance(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "p.pt"
+    result = runner.invoke(main, ["amed", "train", "--nfe", "4", "--iters", "1", "--batch", "2", "--guidance", "2",
+                                  "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "features from 'mid' (128)" in result.output          # cond and uncond halves, 64 channels each
+    result = runner.invoke(main, ["sample", "--amed", str(out), "--seeds", "0-1", "--outdir", str(tmp_path / "s")])
+    assert result.exit_code != 0 and "trained with guidance 2, not 1" in result.output
+    result = runner.invoke(main, ["sample", "--amed", str(out), "--guidance", "2", "--seeds", "0-1",
+                                  "--outdir", str(tmp_path / "s")])
+    assert result.exit_code == 0 and "NFE per image 4" in result.output, result.output

@@ -78,6 +78,10 @@ class Predictor(nn.Module):
         if made_for is not None and tuple(made_for) != tuple(sample_shape):
             raise ValueError(f"this AMED predictor was trained for samples of shape {tuple(made_for)}, not "
                              f"{tuple(sample_shape)}: train one for this model (diffsampler amed train ...)")
+        trained_scale, scale = float(self.settings.get("guidance", 1.0)), guidance_scale(denoiser)
+        if trained_scale != scale:
+            raise ValueError(f"this AMED predictor was trained with guidance {trained_scale:g}, not {scale:g}: "
+                             f"sample with --guidance {trained_scale:g} (its features and trajectories depend on it)")
         fingerprint = self.settings.get("model_fingerprint")
         if fingerprint is not None and fingerprint != model_fingerprint(denoiser):
             raise ValueError(f"this AMED predictor was trained for another model ({self.settings.get('model') or 'unnamed'}"
@@ -146,3 +150,9 @@ def model_fingerprint(denoiser) -> Optional[str]:
     squares = sum(float(t.double().pow(2).sum()) for t in tensors)
     lo, hi = sigma_range(denoiser) if isinstance(denoiser, Denoiser) else (None, None)
     return f"{count}:{total:.6e}:{squares:.6e}:{lo}:{hi}"
+
+
+def guidance_scale(denoiser) -> float:
+    """The classifier-free guidance scale a denoiser applies (1 for an unguided model)."""
+    from ..models.guidance import ClassifierFreeGuidance
+    return float(denoiser.scale) if isinstance(denoiser, ClassifierFreeGuidance) else 1.0

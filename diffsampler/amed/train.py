@@ -24,7 +24,7 @@ from ..sampling import Evaluator, FirstCallAnalytic, check_schedule_fits, resolv
 from ..seeds import seed_noise
 from ..solvers import get_solver
 from ..solvers.amed import PLUGIN_BASES
-from .predictor import Predictor, model_fingerprint
+from .predictor import Predictor, guidance_scale, model_fingerprint
 
 STUDENTS = ("amed",) + PLUGIN_BASES
 TRAIN_SEEDS = 1_000_000      # first training seed: far from the seeds samples are usually drawn with
@@ -109,6 +109,7 @@ def train(denoiser, shape: Optional[Sequence[int]] = None, solver: str = "amed",
     settings = {"solver": solver, "nfe": plain.num_evals(len(grid) - 1, afs), "afs": afs, "sigmas": list(grid),
                 "schedule": schedule_info, "teacher": teacher, "teacher_options": dict(teacher_options or {}), "M": M,
                 "model": model_name, "model_fingerprint": model_fingerprint(denoiser), "shape": list(shape),
+                "guidance": guidance_scale(denoiser),
                 "batch": batch, "iters": iters, "lr": lr, "first_seed": first_seed,
                 "diffsampler_version": __version__}
     with torch.random.fork_rng(devices=[]):
