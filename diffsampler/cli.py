@@ -266,7 +266,8 @@ def schedule_group():
 @click.option("--nfe", type=click.IntRange(min=1), required=True)
 @click.option("--afs/--no-afs", default=False, show_default=True, help="Tune for sampling with an analytical first step.")
 @click.option("--coeff", type=float, default=1.15, show_default=True, help="DP coefficient on the remaining-path cost.")
-@click.option("--metric", type=click.Choice(["l2", "l1", "dev"]), default="l2", show_default=True)
+@click.option("--metric", type=click.Choice(["l2", "l1", "dev"]), default="dev", show_default=True,
+              help="Cost of one Euler jump: dev (the paper's: distance from the start-end chord vs the teacher's), l2, l1.")
 @click.option("--teacher", type=click.Choice(list(SOLVERS)), default="ipndm", show_default=True)
 @click.option("--teacher-steps", type=click.IntRange(min=2), default=60, show_default=True,
               help="Intervals of the teacher grid (61 points by default).")
@@ -329,8 +330,8 @@ def amed_group():
 @click.option("--schedule", default=None, help="Schedule name or file (e.g. a GITS file made with --solver amed).")
 @click.option("--schedule-option", "schedule_option", multiple=True, metavar="KEY=VALUE")
 @click.option("--teacher", type=click.Choice(list(SOLVERS)), default="dpm2", show_default=True)
-@click.option("--M", "extra", type=click.IntRange(min=0), default=1, show_default=True,
-              help="Teacher points inserted between two student points.")
+@click.option("--M", "extra", type=click.IntRange(min=0), default=None,
+              help="Teacher points inserted between two student points (default: enough for a teacher of >= 8 steps, at least 1).")
 @click.option("--scale-dir", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Learn a direction scale in [1-c, 1+c] (0 = off).")
 @click.option("--scale-time", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,

@@ -5,7 +5,7 @@ Rows at NFE 3..6 (AMED makes two evaluations per step, so odd NFEs use AFS, as i
 * ``dpm2`` / ``ipndm`` / ``dpmpp``: the base solvers on their default schedules, the better of
   with and without AFS (dpm2 only exists with AFS at odd NFE);
 * ``amed``: AMED-Solver; ``amed-ipndm`` / ``amed-dpmpp``: AMED-Plugin on those solvers; each
-  trained with the package defaults (teacher dpm2 with M = 3, 40 batches of 32, Adam 1e-2)
+  trained with the package defaults (teacher dpm2 with at least 8 teacher steps, 40 batches of 32, Adam 1e-2)
   on seeds from 1,000,000 on, evaluated on seeds 0..N-1;
 * ``+gits``: the same on a GITS schedule (teacher iPNDM, 61 points, 256 warm-up seeds), made
   for the student's NFE rule (``--solver amed`` for AMED, the base's own for the base solvers).
@@ -89,7 +89,7 @@ def analytic_section(spec, seeds, log):
     return rows
 
 
-def bundled_section(images, log, rows, save, gits_too=True):
+def bundled_section(images, log, rows, save, gits_too=True, nfes=NFES):
     """Fills ``rows`` (resuming the rows already there) and calls ``save()`` after each one."""
     from bundled import bundled_model, labels_cond, score
     model = bundled_model()
@@ -107,7 +107,7 @@ def bundled_section(images, log, rows, save, gits_too=True):
     if gits_too:
         warm = gits.warm_up(model, model.shape, warmup=256, first_seed=GITS_SEED, cond=cond, keep_endpoints=True,
                             batch=128)
-    for nfe in NFES:
+    for nfe in nfes:
         done = {label for label, per in rows.items() if str(nfe) in per}
         for label, requests, seconds in runs(model, nfe, warm, cond, log, done):
             best = None
@@ -156,6 +156,7 @@ def main():
     parser.add_argument("--bundled", action="store_true")
     parser.add_argument("--no-gits", action="store_true", help="Bundled section without the GITS rows.")
     parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--nfes", default="3,4,5,6", help="Bundled section: the NFEs to run (rows resume).")
     parser.add_argument("--seeds", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "amed.json")
@@ -177,7 +178,8 @@ def main():
             report["bundled"] = {}
         report["images"] = args.images
         report.setdefault("bundled", {})
-        bundled_section(args.images, log, report["bundled"], save, gits_too=not args.no_gits)
+        bundled_section(args.images, log, report["bundled"], save, gits_too=not args.no_gits,
+                        nfes=[int(n) for n in args.nfes.split(",")])
     save()
     print(markdown(report))
 

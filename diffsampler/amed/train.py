@@ -38,6 +38,13 @@ def refine(sigmas: Sequence[float], extra: int) -> List[float]:
     return fine + [float(sigmas[-1])]
 
 
+def teacher_points(student_steps: int, min_teacher_steps: int = 8) -> int:
+    """Default M: the fewest extra points per student step (at least 1) that give the teacher at
+    least ``min_teacher_steps`` steps.  A fixed M = 1 leaves a 2-step student with a 4-step
+    teacher, less accurate than the students it should teach (measured on the bundled model)."""
+    return max(1, math.ceil(min_teacher_steps / student_steps) - 1)
+
+
 def _detach(state):
     if isinstance(state, torch.Tensor):
         return state.detach()
@@ -69,7 +76,7 @@ def _student_grid(student, denoiser, shape, nfe, afs, schedule, schedule_options
 def train(denoiser, shape: Optional[Sequence[int]] = None, solver: str = "amed", nfe: Optional[int] = 5, *,
           afs: Optional[bool] = None, schedule=None, schedule_options: Optional[dict] = None,
           sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, teacher: str = "dpm2",
-          M: int = 1, teacher_options: Optional[dict] = None, scale_dir: float = 0.0, scale_time: float = 0.0,
+          M: Optional[int] = None, teacher_options: Optional[dict] = None, scale_dir: float = 0.0, scale_time: float = 0.0,
           hidden: int = 64, batch: int = 32, iters: int = 40, lr: float = 1e-2, first_seed: int = TRAIN_SEEDS,
           cond: Optional[Callable[[List[int]], dict]] = None, feature_module: Optional[str] = None,
           dtype=torch.float32, device="cpu", model_name: Optional[str] = None, progress: bool = False,
@@ -78,7 +85,7 @@ def train(denoiser, shape: Optional[Sequence[int]] = None, solver: str = "amed",
     euler, ipndm, dpmpp, dpm2) at ``nfe`` on ``denoiser``; returns the :class:`Predictor`.
 
     ``afs`` defaults to "whenever the NFE needs it" (odd NFE), as in the paper (NFE 5 = 3 steps
-    with AFS).  ``schedule`` may be a name or a schedule file (e.g. GITS made with ``--solver amed``).
+    with AFS).  ``M`` (teacher points per student step) defaults to :func:`teacher_points`.  ``schedule`` may be a name or a schedule file (e.g. GITS made with ``--solver amed``).
     ``cond`` maps a list of seeds to that batch's conditioning (e.g. random class labels).
     Training seeds are ``first_seed, first_seed + 1, ...``, ``batch`` per iteration (by default
     from 1,000,000 on, so they never coincide with the seeds samples are usually drawn with).
@@ -86,12 +93,14 @@ def train(denoiser, shape: Optional[Sequence[int]] = None, solver: str = "amed",
     if solver not in STUDENTS:
         raise ValueError(f"AMED trains for solver 'amed' (AMED-Solver) or a plugin base; got {solver!r}, "
                          f"valid: {', '.join(STUDENTS)}")
-    if M < 0 or iters < 1 or batch < 1:
+    if M is not None and M < 0 or iters < 1 or batch < 1:
         raise ValueError(f"need M >= 0, iters >= 1 and batch >= 1; got M={M}, iters={iters}, batch={batch}")
     shape = tuple(shape if shape is not None else denoiser.shape)
     plain = get_solver("amed", base=None if solver == "amed" else solver)
     grid, afs, schedule_info = _student_grid(plain, denoiser, shape, nfe, afs, schedule, schedule_options,
                                              sigma_min, sigma_max)
+    if M is None:
+        M = teacher_points(len(grid) - 1)
     teacher_grid = refine(grid, M)
     teacher_solver = get_solver(teacher, **(teacher_options or {}))
     work = work_dtype(torch.device(device))
