@@ -9,8 +9,9 @@ trajectories transfers to all samples:
    at every grid point, for ``warmup`` seeds.
 2. Cost matrix: C[i, j] (i < j) is the batch mean of the distance between one Euler step from
    teacher point i to sigma_j, ``x_i + (sigma_j - sigma_i) d_i``, and the teacher point x_j.
-   Metrics: ``l2`` and ``l1`` norms, and ``dev``: the step's deviation from the straight line
-   through the trajectory's start and end, minus the teacher's own deviation at j.
+   Metrics: ``l2`` and ``l1`` norms, and ``dev`` (the paper's recommended one): the step's
+   deviation from the straight line through the trajectory's start and end, minus the teacher's
+   own deviation at j (signed, as in the paper's code).
    (:func:`warm_up` does steps 1-2 once per model; every solver and NFE reuses it.)
 3. Dynamic programming: K steps from point 0 to the last point minimizing
    ``C[p0, p1] + coeff * C[p1, p2] + coeff^2 * C[p2, p3] + ...`` (the paper's coefficient on the
@@ -58,16 +59,48 @@ def teacher_trajectories(denoiser, noise: torch.Tensor, sigmas, solver="ipndm", 
         states.append(step.x.to(torch.float64))
         directions.append(((step.x - step.denoised) / step.sigma).to(torch.float64))
 
-    result = sample(denoiser, noise, solver=solver, sigmas=sigmas, cond=cond, callback=record, **solver_options)
+    with torch.inference_mode():        # a few % faster than sample()'s no_grad on CPU (measured)
+        result = sample(denoiser, noise, solver=solver, sigmas=sigmas, cond=cond, callback=record, **solver_options)
     states.append(result.samples.to(torch.float64) if result.samples.dtype != torch.float64 else result.samples)
     return Teacher(schedules_module.check_sigmas(sigmas), torch.stack(states), torch.stack(directions))
 
 
-def _deviation(points: torch.Tensor, start: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    """Distance of ``points`` (..., B, D) from the line through ``start`` (B, D) along ``unit`` (B, D)."""
-    rel = points - start
-    along = (rel * unit).sum(-1, keepdim=True)
-    return (rel - along * unit).norm(dim=-1)
+def _l2_jump_costs(x: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """(T, B, T+1) per-sample ``||x_i + h_ij d_i - x_j||`` from inner products, without forming the jumps.
+
+    ``|x_i - x_j|^2 + 2 h <d_i, x_i - x_j> + h^2 |d_i|^2`` with the Gram matrices of each sample's
+    states and directions (float64; one matrix product instead of T^2/2 (B, D) differences)."""
+    xt = x.transpose(0, 1)                                    # (B, T+1, D)
+    dt = d.transpose(0, 1)                                    # (B, T, D)
+    xx = torch.bmm(xt, xt.transpose(1, 2))                    # <x_i, x_j>
+    dx = torch.bmm(dt, xt.transpose(1, 2))                    # <d_i, x_j>
+    sq = xx.diagonal(dim1=1, dim2=2)                          # |x_i|^2
+    dd = (dt * dt).sum(-1)                                    # |d_i|^2
+    dxi = dx.diagonal(dim1=1, dim2=2)                         # <d_i, x_i>
+    hh = h[None]                                              # (1, T, T+1)
+    value = (sq[:, :-1, None] + sq[:, None, :] - 2 * xx[:, :-1, :]
+             + 2 * hh * (dxi[:, :, None] - dx) + hh ** 2 * dd[:, :, None])
+    return value.clamp_min(0).sqrt().permute(1, 0, 2)         # (T, B, T+1)
+
+
+def _dev_jump_costs(x: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """(T, B, T+1) per-sample ``dev(x_i + h_ij d_i) - dev(x_j)``, dev = distance from the chord x_0 -> x_T.
+
+    With p_i, q_i the parts of ``x_i - x_0`` and ``d_i`` perpendicular to the chord, the jump's
+    deviation is ``|p_i + h q_i| = sqrt(|p_i|^2 + 2 h <p_i, q_i> + h^2 |q_i|^2)``: a few scalars per
+    teacher point and sample."""
+    start, end = x[0], x[-1]
+    unit = (end - start) / (end - start).norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    rel = x - start
+    perp = rel - (rel * unit).sum(-1, keepdim=True) * unit    # p_i, (T+1, B, D)
+    dperp = d - (d * unit).sum(-1, keepdim=True) * unit       # q_i, (T, B, D)
+    pp = (perp * perp).sum(-1)                                # (T+1, B)
+    pq = (perp[:-1] * dperp).sum(-1)                          # (T, B)
+    qq = (dperp * dperp).sum(-1)                              # (T, B)
+    teacher_dev = pp.sqrt()
+    hh = h[:, None, :]                                        # (T, 1, T+1)
+    jumped = (pp[:-1, :, None] + 2 * hh * pq[:, :, None] + hh ** 2 * qq[:, :, None]).clamp_min(0).sqrt()
+    return jumped - teacher_dev.t()[None]                     # (T, B, T+1)
 
 
 def cost_matrix(states: torch.Tensor, directions: torch.Tensor, sigmas, metric: str = "l2",
@@ -75,9 +108,12 @@ def cost_matrix(states: torch.Tensor, directions: torch.Tensor, sigmas, metric: 
     """The (T+1, T+1) float64 cost matrix of one-step Euler jumps between teacher points.
 
     ``C[i, j]`` for i < j is the ``reduction`` over the batch of the metric of
-    ``x_i + (sigma_j - sigma_i) d_i`` against ``x_j``; entries with j <= i are +inf.  Batched over
-    seeds and target points, chunked so at most ``max_elements`` values are formed at once;
-    ``reduction="sum"`` lets callers accumulate over batches and processes.
+    ``x_i + (sigma_j - sigma_i) d_i`` against ``x_j``; entries with j <= i are +inf.
+    ``dev`` is signed, as in the paper's code: the jump's distance from the chord x_0 -> x_T minus
+    the teacher's own at j (negative when the jump lands nearer the chord than the teacher).
+    ``l2`` and ``dev`` come from per-sample inner products (float64); ``l1`` forms the jumps,
+    chunked so at most ``max_elements`` values exist at once.  ``reduction="sum"`` lets callers
+    accumulate over batches and processes.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
@@ -90,22 +126,20 @@ def cost_matrix(states: torch.Tensor, directions: torch.Tensor, sigmas, metric: 
     d = directions.reshape(n - 1, batch, -1).to(torch.float64)
     sig = torch.as_tensor(sigmas, dtype=torch.float64, device=x.device)
     cost = torch.full((n, n), float("inf"), dtype=torch.float64, device=x.device)
-    if metric == "dev":
-        start, end = x[0], x[-1]
-        unit = (end - start) / (end - start).norm(dim=-1, keepdim=True).clamp_min(1e-300)
-        teacher_dev = _deviation(x, start, unit)            # (T+1, B)
+    upper = torch.ones(n - 1, n, dtype=torch.bool, device=x.device).triu(1)
+    if metric in ("l2", "dev"):
+        h = sig[None, :] - sig[:-1, None]                     # h[i, j] = sigma_j - sigma_i
+        per_sample = (_l2_jump_costs if metric == "l2" else _dev_jump_costs)(x, d, h)
+        reduced = per_sample.sum(1) if reduction == "sum" else per_sample.mean(1)
+        cost[:-1][upper] = reduced[upper]
+        return cost
     chunk = max(1, max_elements // max(1, x[0].numel()))
     for i in range(n - 1):
         for lo in range(i + 1, n, chunk):
             hi = min(n, lo + chunk)
             step = (sig[lo:hi] - sig[i])[:, None, None]
             jumped = x[i][None] + step * d[i][None]          # (hi-lo, B, D)
-            if metric == "l2":
-                per_sample = (jumped - x[lo:hi]).norm(dim=-1)
-            elif metric == "l1":
-                per_sample = (jumped - x[lo:hi]).abs().sum(-1)
-            else:
-                per_sample = _deviation(jumped, start, unit) - teacher_dev[lo:hi]
+            per_sample = (jumped - x[lo:hi]).abs().sum(-1)
             cost[i, lo:hi] = per_sample.sum(1) if reduction == "sum" else per_sample.mean(1)
     return cost
 
@@ -216,11 +250,13 @@ class WarmUp:
 def warm_up(denoiser, shape: Sequence[int], *, teacher="ipndm", teacher_steps: int = 60,
             base_schedule="polynomial", base_options: Optional[dict] = None, sigma_min: Optional[float] = None,
             sigma_max: Optional[float] = None, warmup: int = 256, first_seed: int = 0, batch: int = 64,
-            metric: str = "l2", cond: Optional[Callable[[List[int]], dict]] = None, dtype=torch.float32,
+            metric: str = "dev", cond: Optional[Callable[[List[int]], dict]] = None, dtype=torch.float32,
             device="cpu", model_name: Optional[str] = None, progress: bool = False,
             teacher_options: Optional[dict] = None, keep_endpoints: bool = False) -> WarmUp:
     """Teacher trajectories for ``warmup`` seeds and their mean cost matrix (steps 1-2 of GITS).
 
+    ``metric`` defaults to ``dev``, the one the paper's code recommends (on the bundled Fashion-MNIST
+    model it gives better low-NFE iPNDM schedules than ``l2``; see evaluation/results/gits.md).
     ``cond`` maps a list of warm-up seeds to the conditioning of that batch (e.g. random labels).
     The warm-up seeds are ``first_seed .. first_seed + warmup - 1``; under torchrun they are split
     across ranks and the cost matrix is summed over all of them.

@@ -1,26 +1,36 @@
-"""GITS against the usual schedules: endpoint error (analytic models), FID (bundled model), search cost.
+"""GITS against the usual schedules: endpoint error (analytic models), accuracy and FID (bundled model), search cost.
 
-For euler, ipndm, dpmpp and unipc at NFE 3..10, each solver's default schedule is compared with a
-GITS schedule tuned for that solver and NFE (teacher iPNDM on 61 points of polynomial rho=7,
-warm-up seeds 100000.., coefficient 1.15, metric l2).  Evaluation seeds (0..N-1) never overlap
-the warm-up seeds.
+Evaluation seeds (0..N-1) never overlap the warm-up seeds (100000..).  The teacher is iPNDM on 61
+points of polynomial rho=7.
 
-* Endpoint error (``--models``, default the digits optimal denoiser and a 3072-dim synthetic
-  mixture): mean per-seed RMSE to the exact ODE endpoint (reference endpoints shared with
-  ``endpoint_error.py``'s cache).
-* FID (``--fid``): on the bundled Fashion-MNIST model, class labels per seed, with the bundled
-  classifier extractor against the committed reference statistics.
-* Search cost: wall time of the whole GITS search on the bundled model for 256 warm-up seeds,
-  split into teacher sampling, cost matrix and DP, and the DP alone for a 61-point teacher.
+* Endpoint error (default section; ``--models``, default the digits optimal denoiser and a
+  3072-dim synthetic mixture): for euler, ipndm, dpmpp and unipc at NFE 3..10, mean per-seed RMSE
+  to the exact ODE endpoint of each solver's default schedule and of a GITS schedule (metric l2,
+  coefficient 1.15; reference endpoints shared with ``endpoint_error.py``'s cache).
+* RMSE to converged samples (``--converged``) on the bundled Fashion-MNIST model: seeds 0..199
+  with their class labels, against ipndm at NFE 200 of the same noise and label (cached under
+  ``.cache``, checked against NFE 100); ipndm and euler, default schedule vs GITS for each
+  ``--converged-settings`` metric:coefficient pair.  Not dominated by FID's sampling noise.
+* FID (``--fid``) on the bundled model with the bundled classifier extractor against the
+  committed reference statistics: ``--fid-solvers`` (default ipndm) at ``--fid-nfes`` (4-10),
+  default schedule vs GITS (``--fid-settings``, default dev:1.0), ``--fid-images`` (2000) images,
+  the same seeds for every row, with a paired bootstrap of the FID difference and the FIDs of
+  disjoint 400-image slices (how noisy a small-sample FID is).
+* Search cost (``--cost``): wall time of the whole GITS search on the bundled model for 256
+  warm-up seeds (teacher, cost matrix, DP) with 1 and 2 threads and teacher batch 128 / 256, with
+  the load average around each run (the CPU is shared).
+
+The bundled-model sections share one teacher run per metric set (cached in ``.cache``).
 
     python evaluation/gits_benchmark.py                       # analytic models
-    python evaluation/gits_benchmark.py --skip-endpoint --fid --cost     # bundled model parts (after fid_benchmark.py)
+    python evaluation/gits_benchmark.py --skip-endpoint --converged --fid --cost     # bundled model parts
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
 import sys
 import time
@@ -31,7 +41,9 @@ import torch
 
 import diffsampler
 from diffsampler import gits, sample
+from diffsampler.models.base import sigma_range
 from diffsampler.models.specs import load_model
+from diffsampler.schedules import polynomial
 from diffsampler.seeds import seed_noise
 
 HERE = Path(__file__).resolve().parent
@@ -41,11 +53,14 @@ from endpoint_error import reference  # noqa: E402  (shared cached ground truth)
 SOLVERS = ("euler", "ipndm", "dpmpp", "unipc")
 NFES = tuple(range(3, 11))
 WARMUP_FIRST_SEED = 100_000
+CONVERGED_NFE = 200
+CACHE = HERE / ".cache"
 
 
 def warm(model, warmup, cond=None, dtype=torch.float64):
     """One teacher warm-up per model; each solver/NFE schedule is a DP on its cost matrix."""
-    return gits.warm_up(model, model.shape, warmup=warmup, first_seed=WARMUP_FIRST_SEED, dtype=dtype, cond=cond)
+    return gits.warm_up(model, model.shape, warmup=warmup, first_seed=WARMUP_FIRST_SEED, dtype=dtype, cond=cond,
+                        metric="l2")     # the metric the recorded endpoint tables were made with
 
 
 def endpoint_section(spec, seeds, warmup, log):
@@ -65,50 +80,175 @@ def endpoint_section(spec, seeds, warmup, log):
     return rows
 
 
-def fid_section(images, warmup, log):
-    from bundled import bundled_model, labels_cond, score
-    model = bundled_model()
-    rows = {"heun_nfe35": score(model, images, solver="heun", nfe=34)["fid"]}
-    log(f"FID heun NFE 34: {rows['heun_nfe35']:.3f}")
-    warmed = warm(model, warmup, labels_cond(model), dtype=torch.float32)
-    base_scores = _base_scores(images)
-    for solver in SOLVERS:
-        for nfe in NFES:
-            base = base_scores.get((solver, nfe))
-            if base is None:
-                base = score(model, images, solver=solver, nfe=nfe)["fid"]
-            tuned = score(model, images, solver=solver, schedule=warmed.schedule(nfe, solver))["fid"]
-            rows.setdefault(solver, {})[nfe] = {"base": base, "gits": tuned}
-            log(f"FID {solver} NFE {nfe}: base {base:.3f}  gits {tuned:.3f}")
-    return rows
+def _parse_settings(text):
+    """'dev:1.0,l2:1.15' -> [('dev', 1.0), ('l2', 1.15)]."""
+    out = []
+    for item in text.split(","):
+        metric, coeff = item.split(":")
+        out.append((metric.strip(), float(coeff)))
+    return out
 
 
-def _base_scores(images):
-    """Default-schedule FIDs already recorded by fid_benchmark.py with the same images, if any."""
-    path = HERE / "results" / "fid.json"
-    if not path.exists() or json.loads(path.read_text()).get("images") != images:
-        return {}
-    rows = json.loads(path.read_text()).get("rows", [])
-    return {(r["solver"], r["nfe"]): r["fid"] for r in rows if not r.get("afs") and r.get("schedule") == "default"}
+def _parse_nfes(text):
+    lo, _, hi = text.partition("-")
+    return tuple(range(int(lo), int(hi or lo) + 1))
 
 
-def cost_section(log):
+def bundled_warm_ups(model, cond, warmup, metrics, log, batch=128):
+    """One teacher run on the warm-up seeds, one cost matrix per metric (cached under .cache).
+
+    The same steps as ``gits.warm_up`` (teacher iPNDM on 61 points of polynomial rho=7, summed
+    per-batch cost matrices), shared by the metrics; returns {metric: gits.WarmUp}."""
+    path = CACHE / f"gits_costs_fashion-mnist_warmup{warmup}_from{WARMUP_FIRST_SEED}.pt"
+    saved = torch.load(path) if path.exists() else {"costs": {}}
+    missing = [m for m in metrics if m not in saved["costs"]]
+    lo, hi = sigma_range(model)
+    grid = polynomial(60, lo, hi)
+    if missing:
+        sums = {m: torch.zeros(len(grid), len(grid), dtype=torch.float64) for m in missing}
+        seeds = list(range(WARMUP_FIRST_SEED, WARMUP_FIRST_SEED + warmup))
+        for k in range(0, warmup, batch):
+            chunk = seeds[k:k + batch]
+            traj = gits.teacher_trajectories(model, seed_noise(chunk, model.shape), grid, cond=cond(chunk))
+            for m in missing:
+                sums[m] += gits.cost_matrix(traj.states, traj.directions, grid, m, reduction="sum")
+        for m in missing:
+            cost = sums[m] / warmup
+            saved["costs"][m] = cost.masked_fill(torch.ones_like(cost, dtype=torch.bool).tril(), float("inf"))
+        CACHE.mkdir(exist_ok=True)
+        torch.save(saved, path)
+        log(f"teacher + cost matrices ({', '.join(missing)}) cached in {path}")
+    settings = {"model": "fashion-mnist", "teacher": "ipndm", "teacher_steps": 60, "warmup": warmup}
+    return {m: gits.WarmUp(grid, saved["costs"][m], {**settings, "metric": m}, {}, []) for m in metrics}
+
+
+def converged_reference(model, cond, seeds, log):
+    """ipndm at NFE 200 (polynomial rho=7) for seeds 0..seeds-1, checked against NFE 100 (cached)."""
+    out = {}
+    for nfe in (CONVERGED_NFE, CONVERGED_NFE // 2):
+        path = CACHE / f"gits_converged_fashion-mnist_ipndm_nfe{nfe}_seeds0-{seeds - 1}.pt"
+        if not path.exists():
+            parts = []
+            for k in range(0, seeds, 100):
+                chunk = list(range(k, min(seeds, k + 100)))
+                parts.append(sample(model, seed_noise(chunk, model.shape), solver="ipndm", nfe=nfe,
+                                    cond=cond(chunk)).samples.to(torch.float64))
+            CACHE.mkdir(exist_ok=True)
+            torch.save(torch.cat(parts), path)
+        out[nfe] = torch.load(path)
+    check = float(_per_seed_rmse(out[CONVERGED_NFE // 2], out[CONVERGED_NFE]).max())
+    log(f"converged reference: ipndm NFE {CONVERGED_NFE} vs {CONVERGED_NFE // 2}: max per-seed RMSE {check:.2e}")
+    return out[CONVERGED_NFE], check
+
+
+def _per_seed_rmse(out, ref):
+    return ((out.to(torch.float64) - ref) ** 2).flatten(1).mean(1).sqrt()
+
+
+def converged_section(seeds, warmup, settings, log):
+    """Mean per-seed RMSE to a converged sample of the same noise and label: default vs GITS schedules."""
     from bundled import bundled_model, labels_cond
     model = bundled_model()
-    start = time.perf_counter()
-    schedule = gits.optimize_schedule(model, model.shape, nfe=5, solver="ipndm", warmup=256, batch=128,
-                                      first_seed=WARMUP_FIRST_SEED, cond=labels_cond(model))
-    total = time.perf_counter() - start
+    cond = labels_cond(model)
+    ref, check = converged_reference(model, cond, seeds, log)
+    warmed = bundled_warm_ups(model, cond, warmup, sorted({m for m, _ in settings}), log)
+    noise, c = seed_noise(range(seeds), model.shape), cond(list(range(seeds)))
+    rmse = lambda **kw: float(_per_seed_rmse(sample(model, noise, cond=c, **kw).samples, ref).mean())
+    rows = {}
+    for solver in ("ipndm", "euler"):
+        per = rows.setdefault(solver, {"default": {}})
+        for nfe in NFES:
+            per["default"][nfe] = rmse(solver=solver, nfe=nfe)
+        log(f"RMSE {solver} default: " + " ".join(f"{per['default'][n]:.4f}" for n in NFES))
+        for metric, coeff in settings:
+            label = f"GITS {metric} {coeff:g}"
+            per[label] = {nfe: rmse(solver=solver, schedule=warmed[metric].schedule(nfe, solver, coeff=coeff))
+                          for nfe in NFES}
+            log(f"RMSE {solver} {label}: " + " ".join(f"{per[label][n]:.4f}" for n in NFES))
+    return {"seeds": seeds, "reference": f"ipndm NFE {CONVERGED_NFE}", "reference_check_max_rmse": check,
+            "rows": rows}
+
+
+def _features(model, images, batch=250, **sample_kwargs):
+    from bundled import labels_cond
+    from diffsampler.images import to_uint8
+    from diffsampler.metrics import CLASSIFIER, fid as fid_module
+    from diffsampler.metrics.sources import ImageArray
+    cond, pixels = labels_cond(model), []
+    for k in range(0, images, batch):
+        chunk = list(range(k, min(images, k + batch)))
+        pixels.append(to_uint8(sample(model, seed_noise(chunk, model.shape), cond=cond(chunk), **sample_kwargs).samples))
+    return fid_module.extract_features(ImageArray(np.concatenate(pixels), "samples"), CLASSIFIER)
+
+
+def _fid(features, reference):
+    from diffsampler.metrics import fid as fid_module
+    return fid_module.frechet_distance(fid_module.statistics(features), reference)
+
+
+def fid_section(images, warmup, log, solvers=SOLVERS, nfes=NFES, settings=(("l2", 1.15),), subsets=400,
+                bootstrap=200):
+    """FID (bundled classifier features) of each solver's default schedule and of GITS schedules.
+
+    Same seeds for every configuration, so the paired bootstrap over images (same resampled
+    indices for both) gives the spread of the FID *difference*; FIDs of disjoint ``subsets``-image
+    slices show how noisy a small-sample FID is."""
+    from bundled import REFERENCE, bundled_model, labels_cond
+    from diffsampler.metrics import fid as fid_module
+    model = bundled_model()
+    reference = fid_module.load_reference(REFERENCE)
+    warmed = bundled_warm_ups(model, labels_cond(model), warmup, sorted({m for m, _ in settings}), log)
+    gen = np.random.default_rng(0)
+    draws = [gen.integers(0, images, images) for _ in range(bootstrap)]
+    rows = {}
+    for solver in solvers:
+        for nfe in nfes:
+            feats = {"default": _features(model, images, solver=solver, nfe=nfe)}
+            for metric, coeff in settings:
+                schedule = warmed[metric].schedule(nfe, solver, coeff=coeff)
+                feats[f"GITS {metric} {coeff:g}"] = _features(model, images, solver=solver, schedule=schedule)
+            row = {"fid": {k: _fid(f, reference) for k, f in feats.items()},
+                   f"fid_{subsets}_slices": {k: [_fid(f[a:a + subsets], reference)
+                                                 for a in range(0, images - subsets + 1, subsets)]
+                                             for k, f in feats.items()}}
+            row["diff_vs_default_bootstrap"] = {}
+            for k, f in feats.items():
+                if k == "default":
+                    continue
+                diffs = np.array([_fid(f[i], reference) - _fid(feats["default"][i], reference) for i in draws])
+                row["diff_vs_default_bootstrap"][k] = {"mean": float(diffs.mean()), "std": float(diffs.std()),
+                                                        "p_gits_better": float((diffs < 0).mean())}
+            rows.setdefault(solver, {})[nfe] = row
+            log(f"FID {solver} NFE {nfe}: " + "  ".join(f"{k} {v:.3f}" for k, v in row["fid"].items()) + "  diff "
+                + "  ".join(f"{k} {v['mean']:+.3f}+-{v['std']:.3f}" for k, v in row["diff_vs_default_bootstrap"].items()))
+    return {"images": images, "warmup": warmup, "settings": [list(x) for x in settings], "rows": rows}
+
+
+def cost_section(log, configs=((1, 128), (1, 256), (2, 256))):
+    """Wall time of the whole search (NFE 5, 256 warm-up seeds) for (threads, teacher batch) settings.
+
+    The machine is shared, so each run records the 1-minute load average before and after it."""
+    from bundled import bundled_model, labels_cond
+    model = bundled_model()
+    runs = []
+    for threads, batch in configs:
+        torch.set_num_threads(threads)
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        schedule = gits.optimize_schedule(model, model.shape, nfe=5, solver="ipndm", warmup=256, batch=batch,
+                                          first_seed=WARMUP_FIRST_SEED, cond=labels_cond(model))
+        total = time.perf_counter() - start
+        runs.append({"threads": threads, "batch": batch, "total_s": total, **schedule.info["timings"],
+                     "metric": schedule.info["metric"], "load_before": load_before, "load_after": os.getloadavg()[0]})
+        log(f"search cost: {runs[-1]}")
+    torch.set_num_threads(1)
     cost = torch.rand(61, 61, dtype=torch.float64).triu(1)
     dp_times = []
     for _ in range(20):
         t0 = time.perf_counter()
         gits.dp_schedule(cost, 5)
         dp_times.append(time.perf_counter() - t0)
-    out = {"total_s": total, **schedule.info["timings"], "dp_61_points_median_ms": 1000 * float(np.median(dp_times)),
-           "threads": torch.get_num_threads()}
-    log(f"search cost: {out}")
-    return out
+    return {"runs": runs, "dp_61_points_median_ms": 1000 * float(np.median(dp_times)), "cpus": os.cpu_count()}
 
 
 def markdown(report):
@@ -119,7 +259,7 @@ def markdown(report):
                   "|---|---|" + "---|" * len(NFES)]
         for solver, per in rows.items():
             for kind in ("base", "gits"):
-                label = "default" if kind == "base" else "GITS"
+                label = "default" if kind == "base" else "GITS l2 1.15"
                 cells = []
                 for n in NFES:
                     value = per[str(n)][kind] if str(n) in per else per[n][kind]
@@ -127,24 +267,52 @@ def markdown(report):
                     cells.append(f"**{value:.4f}**" if value <= other else f"{value:.4f}")
                 lines.append(f"| {solver} | {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    if "fid" in report:
-        fid_rows = report["fid"]
-        lines += ["## FID on the bundled model (bundled classifier features)", "",
-                  f"Heun NFE 34 reference point: {fid_rows['heun_nfe35']:.3f}", "",
+    if "converged" in report:
+        conv = report["converged"]
+        lines += [f"## RMSE to converged samples on the bundled model ({conv['seeds']} seeds, mean per-seed RMSE)", "",
+                  f"Reference: {conv['reference']} (polynomial rho=7) for the same noise and label; against NFE "
+                  f"{CONVERGED_NFE // 2} its largest per-seed RMSE is {conv['reference_check_max_rmse']:.1e}. "
+                  "Bold: below the default schedule.", "",
                   "| solver | schedule | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
                   "|---|---|" + "---|" * len(NFES)]
-        for solver in SOLVERS:
-            per = fid_rows[solver]
-            for kind in ("base", "gits"):
-                cells = [f"{(per[str(n)] if str(n) in per else per[n])[kind]:.3f}" for n in NFES]
-                lines.append(f"| {solver} | {'default' if kind == 'base' else 'GITS'} | " + " | ".join(cells) + " |")
+        for solver, per in conv["rows"].items():
+            base = per["default"]
+            for label, values in per.items():
+                cells = [f"{values[str(n)]:.4f}" if label == "default" or values[str(n)] >= base[str(n)]
+                         else f"**{values[str(n)]:.4f}**" for n in NFES]
+                lines.append(f"| {solver} | {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    if "search_cost" in report:
+    if "fid" in report and "rows" in report["fid"]:
+        fid_report = report["fid"]
+        for solver, per in fid_report["rows"].items():
+            nfes = sorted(per, key=int)
+            labels = list(per[nfes[0]]["fid"])
+            lines += [f"## FID on the bundled model, {solver} ({fid_report['images']} images, bundled classifier features)", "",
+                      "Seeds 0..N-1 for every row (paired).  `diff`: FID(GITS) - FID(default), mean +- std over 200 "
+                      "paired bootstrap resamples of the images, and the fraction of resamples where GITS is lower.  "
+                      "`400-image slices`: FID of disjoint 400-image slices (min-max), the noise of a small-sample FID.", "",
+                      "| schedule | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+            for label in labels:
+                lines.append(f"| {label} | " + " | ".join(f"{per[n]['fid'][label]:.3f}" for n in nfes) + " |")
+            for label in labels[1:]:
+                lines.append(f"| diff {label} | " + " | ".join(
+                    f"{per[n]['diff_vs_default_bootstrap'][label]['mean']:+.3f} +- "
+                    f"{per[n]['diff_vs_default_bootstrap'][label]['std']:.3f} "
+                    f"({per[n]['diff_vs_default_bootstrap'][label]['p_gits_better']:.2f})" for n in nfes) + " |")
+            for label in labels:
+                slices = lambda n: per[n][next(k for k in per[n] if k.endswith("_slices"))][label]
+                lines.append(f"| 400-image slices, {label} | " + " | ".join(
+                    f"{min(slices(n)):.2f}-{max(slices(n)):.2f}" for n in nfes) + " |")
+            lines.append("")
+    if "search_cost" in report and "runs" in report["search_cost"]:
         c = report["search_cost"]
-        lines += ["## Search cost (bundled model, 256 warm-up seeds, NFE 5, this CPU)", "",
-                  f"whole search {c['total_s']:.1f} s = teacher {c['teacher_s']:.1f} s + cost matrix "
-                  f"{c['cost_matrix_s']:.2f} s + DP {1000 * c['dp_s']:.2f} ms; DP alone for a 61-point teacher: "
-                  f"{c['dp_61_points_median_ms']:.2f} ms (median of 20).", ""]
+        lines += [f"## Search cost (bundled model, 256 warm-up seeds, NFE 5, {c['cpus']}-core CPU shared with other work)", "",
+                  "| threads | teacher batch | metric | whole search s | teacher s | cost matrix s | DP ms | load avg before/after |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in c["runs"]:
+            lines.append(f"| {r['threads']} | {r['batch']} | {r['metric']} | {r['total_s']:.1f} | {r['teacher_s']:.1f} | "
+                         f"{r['cost_matrix_s']:.2f} | {1000 * r['dp_s']:.2f} | {r['load_before']:.1f} / {r['load_after']:.1f} |")
+        lines += ["", f"DP alone for a 61-point teacher: {c['dp_61_points_median_ms']:.2f} ms (median of 20).", ""]
     return "\n".join(lines)
 
 
@@ -154,7 +322,13 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=256)
     parser.add_argument("--fid", action="store_true")
-    parser.add_argument("--fid-images", type=int, default=500)
+    parser.add_argument("--fid-images", type=int, default=2000)
+    parser.add_argument("--fid-solvers", default="ipndm", help="comma-separated (any of euler,ipndm,dpmpp,unipc)")
+    parser.add_argument("--fid-nfes", default="4-10")
+    parser.add_argument("--fid-settings", default="dev:1.0", help="GITS metric:coeff pairs, comma-separated")
+    parser.add_argument("--converged", action="store_true", help="RMSE to converged samples on the bundled model")
+    parser.add_argument("--converged-seeds", type=int, default=200)
+    parser.add_argument("--converged-settings", default="l2:1.15,dev:1.15,l2:1.0,dev:1.0,dev:0.9")
     parser.add_argument("--cost", action="store_true")
     parser.add_argument("--skip-endpoint", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -171,9 +345,13 @@ def main(argv=None):
     if not args.skip_endpoint:
         report["endpoint_error"] = {spec: endpoint_section(spec, args.seeds, args.warmup, log)
                                     for spec in args.models.split(",")}
+    if args.converged:
+        report["converged"] = converged_section(args.converged_seeds, args.warmup,
+                                                _parse_settings(args.converged_settings), log)
     if args.fid:
-        report["fid"] = fid_section(args.fid_images, args.warmup, log)
-        report["fid_images"] = args.fid_images
+        report["fid"] = fid_section(args.fid_images, args.warmup, log, solvers=tuple(args.fid_solvers.split(",")),
+                                    nfes=_parse_nfes(args.fid_nfes), settings=_parse_settings(args.fid_settings))
+        report.pop("fid_images", None)
     if args.cost:
         report["search_cost"] = cost_section(log)
     path.write_text(json.dumps(report, indent=1))

@@ -77,18 +77,41 @@ def naive_cost(states, directions, sigmas, metric):
     return cost
 
 
+@pytest.mark.parametrize("scale", [1.0, 80.0])
 @pytest.mark.parametrize("metric", ["l2", "l1", "dev"])
-def test_vectorized_cost_matrix_equals_naive_loop(metric):
+def test_vectorized_cost_matrix_equals_naive_loop(metric, scale):
     gen = torch.Generator().manual_seed(0)
     states = torch.randn(7, 3, 2, 2, 2, dtype=torch.float64, generator=gen)
     directions = torch.randn(6, 3, 2, 2, 2, dtype=torch.float64, generator=gen)
     sigmas = torch.tensor([9.0, 5.0, 3.0, 1.5, 0.7, 0.2, 0.01], dtype=torch.float64)
+    states[0] *= scale                       # a first state as large as sigma_max * noise
     expected = naive_cost(states, directions, sigmas, metric)
-    torch.testing.assert_close(gits.cost_matrix(states, directions, sigmas, metric), expected)
+    torch.testing.assert_close(gits.cost_matrix(states, directions, sigmas, metric), expected, rtol=1e-9, atol=1e-9)
     chunked = gits.cost_matrix(states, directions, sigmas, metric, max_elements=16)   # one target point at a time
     torch.testing.assert_close(chunked, expected)
     summed = gits.cost_matrix(states, directions, sigmas, metric, reduction="sum")
     torch.testing.assert_close(summed[torch.isfinite(summed)], 3 * expected[torch.isfinite(expected)])
+
+
+def test_cost_entries_by_hand_and_dev_is_signed_like_the_paper():
+    # Two 2-D trajectories on sigmas 2, 1, 0 with the same states (0,0) -> (1,1) -> (2,0): the chord
+    # is the x axis and the teacher's deviation is 0, 1, 0.  They differ in the first direction.
+    states = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]], dtype=torch.float64)[:, None].repeat(1, 2, 1)
+    directions = torch.tensor([[[-1.0, -3.0], [-1.0, 0.0]],
+                               [[0.0, 0.5], [0.0, 0.5]]], dtype=torch.float64)
+    sigmas = [2.0, 1.0, 0.0]
+    # jumps: from point 0 to sigma 1: (1, 3) and (1, 0); to sigma 0: (2, 6) and (2, 0); from 1 to 0: (1, 0.5)
+    dev = gits.cost_matrix(states, directions, sigmas, "dev")
+    assert dev[0, 1].item() == pytest.approx(((3 - 1) + (0 - 1)) / 2)     # the second sample's term is -1
+    assert dev[0, 2].item() == pytest.approx((6 + 0) / 2)
+    assert dev[1, 2].item() == pytest.approx(0.5)
+    l2 = gits.cost_matrix(states, directions, sigmas, "l2")
+    assert l2[0, 1].item() == pytest.approx((2 + 1) / 2)
+    assert l2[0, 2].item() == pytest.approx((6 + 0) / 2)
+    assert l2[1, 2].item() == pytest.approx(1.25 ** 0.5)
+    assert gits.cost_matrix(states[:, 1:], directions[:, 1:], sigmas, "dev")[0, 1].item() == pytest.approx(-1.0)
+    for cost in (dev, l2):
+        assert torch.isinf(cost.tril()).sum() == 6        # j <= i is never a step
 
 
 def test_unknown_metric_lists_the_valid_ones():
