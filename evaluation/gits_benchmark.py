@@ -330,6 +330,8 @@ def main(argv=None):
     parser.add_argument("--converged-seeds", type=int, default=200)
     parser.add_argument("--converged-settings", default="l2:1.15,dev:1.15,l2:1.0,dev:1.0,dev:0.9")
     parser.add_argument("--cost", action="store_true")
+    parser.add_argument("--cost-configs", default="1x128,1x256,2x256",
+                        help="THREADSxBATCH settings for --cost; runs are added to the ones already recorded")
     parser.add_argument("--skip-endpoint", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
@@ -353,7 +355,10 @@ def main(argv=None):
                                     nfes=_parse_nfes(args.fid_nfes), settings=_parse_settings(args.fid_settings))
         report.pop("fid_images", None)
     if args.cost:
-        report["search_cost"] = cost_section(log)
+        configs = tuple(tuple(int(v) for v in c.split("x")) for c in args.cost_configs.split(","))
+        measured = cost_section(log, configs)
+        measured["runs"] = report.get("search_cost", {}).get("runs", []) + measured["runs"]
+        report["search_cost"] = measured
     path.write_text(json.dumps(report, indent=1))
     (out / "gits.md").write_text(markdown(json.loads(path.read_text())))
     print(f"wrote {path} and {out / 'gits.md'}")

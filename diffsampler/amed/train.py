@@ -80,7 +80,7 @@ def train(denoiser, shape: Optional[Sequence[int]] = None, solver: str = "amed",
           hidden: int = 64, batch: int = 32, iters: int = 40, lr: float = 1e-2, first_seed: int = TRAIN_SEEDS,
           cond: Optional[Callable[[List[int]], dict]] = None, feature_module: Optional[str] = None,
           dtype=torch.float32, device="cpu", model_name: Optional[str] = None, progress: bool = False,
-          log: Optional[Callable[[int, float], None]] = None) -> Predictor:
+          log: Optional[Callable[[int, float], None]] = None, through: bool = False) -> Predictor:
     """Train an AMED predictor for ``solver`` ("amed" = AMED-Solver, or a plugin base:
     euler, ipndm, dpmpp, dpm2) at ``nfe`` on ``denoiser``; returns the :class:`Predictor`.
 
@@ -139,7 +139,7 @@ def train(denoiser, shape: Optional[Sequence[int]] = None, solver: str = "amed",
             if it:
                 noise, batch_cond = batch_of(it)
             targets = _teacher_states(denoiser, noise, teacher_grid, teacher_solver, batch_cond, M + 1)
-            loss = _student_pass(student, denoiser, noise, grid, afs, batch_cond, targets, work)
+            loss = _student_pass(student, denoiser, noise, grid, afs, batch_cond, targets, work, through)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss)
@@ -169,20 +169,25 @@ def _teacher_states(denoiser, noise, teacher_grid, teacher_solver, cond, every: 
     return states
 
 
-def _student_pass(student, denoiser, noise, grid, afs, cond, targets, work) -> float:
-    """One student trajectory with per-step losses back-propagated into the predictor; mean loss."""
+def _student_pass(student, denoiser, noise, grid, afs, cond, targets, work, through: bool = False) -> float:
+    """One student trajectory; the per-step losses are back-propagated into the predictor, step by
+    step from detached states, or (``through``) summed and back-propagated through the whole
+    trajectory.  Returns the mean loss."""
     steps = len(grid) - 1
     evaluate = Evaluator(denoiser, dict(cond or {}), noise.dtype, work, noise.shape[0], noise.device,
                          max_calls=student.num_evals(steps, afs))
-    x, state, total = noise.to(work) * grid[0], student.init_state(), 0.0
+    x, state, losses = noise.to(work) * grid[0], student.init_state(), []
     with student.attach(denoiser):
         for i in range(steps):
             evaluate.step = i
             step_evaluate = FirstCallAnalytic(evaluate) if (afs and i == 0) else evaluate
             x_next, _, state = student.step(step_evaluate, x, i, grid, state)
             loss = (x_next - targets[i].to(work)).flatten(1).norm(dim=1).mean()
-            if loss.requires_grad:
+            if not through and loss.requires_grad:
                 loss.backward()
-            total += float(loss.detach())
-            x, state = x_next.detach(), _detach(state)
-    return total / steps
+            losses.append(loss if through else loss.detach())
+            x, state = (x_next, state) if through else (x_next.detach(), _detach(state))
+    total = sum(losses)
+    if through and total.requires_grad:
+        total.backward()
+    return float(total.detach()) / steps
