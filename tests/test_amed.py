@@ -105,10 +105,11 @@ def test_saved_predictor_reloads_to_identical_samples(tmp_path):
     assert torch.equal(sample(model, noise, amed=str(path)).samples, before)
 
 
-def test_gradients_reach_only_the_predictor():
+@pytest.mark.parametrize("through", [False, True])
+def test_gradients_reach_only_the_predictor(through):
     model = tiny_unet_denoiser()
     weights = {k: v.clone() for k, v in model.net.state_dict().items()}
-    predictor = amed.train(model, solver="amed", nfe=4, iters=3, batch=4, M=1)
+    predictor = amed.train(model, solver="amed", nfe=4, iters=3, batch=4, M=1, through=through)
     assert predictor.feature_source == "mid" and predictor.feature_dim == 16
     assert all(torch.equal(weights[k], v) for k, v in model.net.state_dict().items())
     assert all(p.grad is None and p.requires_grad for p in model.net.parameters())

@@ -87,6 +87,9 @@ def train(denoiser, shape: Optional[Sequence[int]] = None, solver: str = "amed",
     ``afs`` defaults to "whenever the NFE needs it" (odd NFE), as in the paper (NFE 5 = 3 steps
     with AFS).  ``M`` (teacher points per student step) defaults to :func:`teacher_points`.  ``schedule`` may be a name or a schedule file (e.g. GITS made with ``--solver amed``).
     ``cond`` maps a list of seeds to that batch's conditioning (e.g. random class labels).
+    ``through=True`` back-propagates the summed step losses through the whole student trajectory
+    instead of step by step (the paper's way, the default); it costs ~20% more and on the bundled
+    model at NFE 6 it was better for the iPNDM plugin, not for DPM-Solver++ (evaluation/README.md).
     Training seeds are ``first_seed, first_seed + 1, ...``, ``batch`` per iteration (by default
     from 1,000,000 on, so they never coincide with the seeds samples are usually drawn with).
     """
