@@ -15,9 +15,8 @@ from .generate import SampleJob, one_hot_labels, rank_and_world, seed_labels
 from .generate import run as run_job
 from .models.base import Denoiser, sigma_range
 from .models.specs import DEFAULT_MODEL, load_model
-from .sampling import check_schedule_fits, resolve_grid
+from .sampling import fixed_schedule_request, resolve_grid
 from .schedules import SCHEDULES, Schedule
-from .schedules import resolve as resolve_schedule
 from .seeds import parse_seeds
 from .solvers import SOLVERS, get_solver
 from .metrics import CLASSIFIER, FEATURE_LAYERS
@@ -161,7 +160,8 @@ def sample_command(model, solver, nfe, amed_path, schedule, schedule_option, sig
         if decode is None and denoiser.shape[0] not in (1, 3):
             raise ValueError(f"model {model!r} makes samples with {denoiser.shape[0]} channels, which cannot be "
                              "written as images (PNG needs 1 or 3 channels)")
-        fixed = resolve_schedule(schedule)[0] if schedule is not None and not schedule_options else None
+        schedule, afs = fixed_schedule_request(schedule, schedule_options, denoiser, denoiser.shape, afs)
+        fixed = schedule if isinstance(schedule, Schedule) else None
         if amed_path is not None:
             from .amed import load as load_predictor
             if options or schedule_options or sigma_min is not None or sigma_max is not None or denoise_to_zero:
@@ -171,11 +171,6 @@ def sample_command(model, solver, nfe, amed_path, schedule, schedule_option, sig
             solver_obj, grid_sigmas, afs = predictor.sampling_request(denoiser, denoiser.shape, solver, nfe, schedule,
                                                                       grid_sigmas, afs)
             schedule = fixed = nfe = None
-        if fixed is not None:
-            check_schedule_fits(fixed, denoiser, (1, *denoiser.shape))
-            schedule = fixed
-            if afs is None:
-                afs = bool(fixed.info.get("afs", False))
         afs = bool(afs)
         if grid_sigmas is None and fixed is None and nfe is None:
             nfe = 10
@@ -542,11 +537,8 @@ def analyze_command(model, solver, nfe, schedule, schedule_option, max_order, so
             raise ValueError(f"--reference {reference!r} has sample shape {ref_model.shape}, "
                              f"the model {tuple(denoiser.shape)}")
         _, cond_fn, _ = _conditioning(denoiser, class_label, None, None, 1.0)
-        fixed = resolve_schedule(schedule)[0] if schedule is not None and not schedule_options else None
-        if fixed is not None:
-            check_schedule_fits(fixed, denoiser, (1, *denoiser.shape))
-            schedule = fixed
-        if nfe is None and fixed is None:
+        schedule, afs = fixed_schedule_request(schedule, schedule_options, denoiser, denoiser.shape, afs)
+        if nfe is None and not isinstance(schedule, Schedule):
             nfe = 60
         lo, hi = sigma_range(denoiser)
         grid_sigmas = resolve_grid(solver_obj, nfe, schedule, schedule_options or None, None, lo, hi, afs, False)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import schedules as schedules_module
-from .models.base import Denoiser, check_sample_shape, sigma_range, work_dtype
+from .models.base import Denoiser, check_sample_shape, per_sample_sigma, sigma_range, work_dtype
 from .solvers import get_solver
 
 
@@ -68,8 +68,7 @@ class Evaluator:
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """``sigma``: a float, or a per-sample tensor (batch entries; AMED's learned points)."""
         if isinstance(sigma, torch.Tensor):
-            sigma_t = sigma.reshape(-1).to(self.model_dtype).expand(self.batch) if sigma.numel() == 1 else \
-                sigma.reshape(self.batch).to(self.model_dtype)
+            sigma_t = per_sample_sigma(sigma, self.batch, self.device, self.model_dtype)
         else:
             sigma_t = torch.full((self.batch,), sigma, dtype=self.model_dtype, device=self.device)
         out = self.denoiser(x.to(self.model_dtype), sigma_t, **self.cond)
@@ -91,7 +90,7 @@ def analytical_first_step(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x - sigma / math.sqrt(1 + sigma ** 2) * x
 
 
-class FirstCallAnalytic:
+class _FirstCallAnalytic:
     """An evaluator whose first call is the analytical first step (AFS) and the rest the model."""
 
     def __init__(self, evaluate: Evaluator):
@@ -102,6 +101,26 @@ class FirstCallAnalytic:
             return self.evaluate(x, sigma)
         self.used = True
         return analytical_first_step(x, sigma)
+
+
+def take_step(solver, evaluate: Evaluator, x, i: int, sigmas, state, afs: bool):
+    """One step of the sampling loop (shared with AMED training): tags the evaluator with the step
+    index and, with ``afs``, makes step 0's first model call the analytical first step."""
+    evaluate.step = i
+    return solver.step(_FirstCallAnalytic(evaluate) if (afs and i == 0) else evaluate, x, i, sigmas, state)
+
+
+def fixed_schedule_request(schedule, schedule_options, denoiser, sample_shape, afs):
+    """``(schedule, afs)`` for a request naming a schedule file or Schedule: the file is checked
+    against the model (:func:`check_schedule_fits`) and, when ``afs`` is None, supplies its AFS
+    setting.  Other requests come back unchanged."""
+    if schedule is None or schedule_options:
+        return schedule, afs
+    fixed, _ = schedules_module.resolve(schedule)
+    if fixed is None:
+        return schedule, afs
+    check_schedule_fits(fixed, denoiser, (1, *sample_shape))
+    return fixed, bool(fixed.info.get("afs", False)) if afs is None else afs
 
 
 def resolve_grid(solver, nfe: Optional[int], schedule, schedule_options: Optional[dict],
@@ -174,13 +193,8 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver=None, nfe: Optional[i
         raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
     check_sample_shape(denoiser, noise.shape)
     default_min, default_max = sigma_range(denoiser)
-    if sigmas is None and schedule is not None and not schedule_options:
-        fixed_schedule, _ = schedules_module.resolve(schedule)
-        if fixed_schedule is not None:
-            check_schedule_fits(fixed_schedule, denoiser, noise.shape)
-            if afs is None:
-                afs = bool(fixed_schedule.info.get("afs", False))
-            schedule = fixed_schedule
+    if sigmas is None:
+        schedule, afs = fixed_schedule_request(schedule, schedule_options, denoiser, noise.shape[1:], afs)
     afs = bool(afs)
     sigma_min = default_min if sigma_min is None else float(sigma_min)
     sigma_max = default_max if sigma_max is None else float(sigma_max)
@@ -200,9 +214,7 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver=None, nfe: Optional[i
         steps = tqdm(steps, desc=f"{solver.name} nfe={expected}", leave=False)
     with solver.attach(denoiser):
         for i in steps:
-            evaluate.step = i
-            step_evaluate = FirstCallAnalytic(evaluate) if (afs and i == 0) else evaluate
-            x_next, denoised, state = solver.step(step_evaluate, x, i, grid_list, state)
+            x_next, denoised, state = take_step(solver, evaluate, x, i, grid_list, state, afs)
             if callback is not None:
                 callback(StepInfo(i, grid_list[i], x, denoised, grid_list[i + 1], x_next))
             x = x_next

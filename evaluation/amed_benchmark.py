@@ -41,7 +41,7 @@ from diffsampler.solvers import get_solver
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from endpoint_error import reference  # noqa: E402
+from endpoint_error import reference, rmse_per_seed  # noqa: E402
 
 NFES = (3, 4, 5, 6)
 BASES = ("dpm2", "ipndm", "dpmpp")
@@ -50,7 +50,7 @@ GITS_SEED = 100_000
 
 
 def rmse(out, ref):
-    return float((out.double() - ref.double()).flatten(1).pow(2).mean(1).sqrt().mean())
+    return float(rmse_per_seed(out, ref).mean())
 
 
 def runs(model, nfe, warm=None, cond=None, log=print, done=()):
@@ -62,11 +62,14 @@ def runs(model, nfe, warm=None, cond=None, log=print, done=()):
             yield base, [dict(solver=base, nfe=nfe, afs=a) for a in options], None
         if warm is not None and base + "+gits" not in done:
             yield base + "+gits", [dict(solver=base, schedule=warm.schedule(nfe, base, afs=a), afs=a) for a in options], None
+    amed_gits = None                        # one GITS schedule (and AFS search) serves every AMED student
     for label, student in STUDENTS.items():
         for tuned in ((False, True) if warm is not None else (False,)):
             if label + ("+gits" if tuned else "") in done:
                 continue
-            schedule = warm.schedule(nfe, "amed", afs=afs) if tuned else None
+            if tuned and amed_gits is None:
+                amed_gits = warm.schedule(nfe, "amed", afs=afs)
+            schedule = amed_gits if tuned else None
             t0 = time.perf_counter()
             predictor = amed.train(model, solver=student, nfe=nfe, afs=afs, schedule=schedule, cond=cond)
             seconds = time.perf_counter() - t0

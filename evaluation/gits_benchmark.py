@@ -48,7 +48,7 @@ from diffsampler.seeds import seed_noise
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from endpoint_error import reference  # noqa: E402  (shared cached ground truth)
+from endpoint_error import reference, rmse_per_seed  # noqa: E402  (shared cached ground truth)
 
 SOLVERS = ("euler", "ipndm", "dpmpp", "unipc")
 NFES = tuple(range(3, 11))
@@ -136,13 +136,9 @@ def converged_reference(model, cond, seeds, log):
             CACHE.mkdir(exist_ok=True)
             torch.save(torch.cat(parts), path)
         out[nfe] = torch.load(path)
-    check = float(_per_seed_rmse(out[CONVERGED_NFE // 2], out[CONVERGED_NFE]).max())
+    check = float(rmse_per_seed(out[CONVERGED_NFE // 2], out[CONVERGED_NFE]).max())
     log(f"converged reference: ipndm NFE {CONVERGED_NFE} vs {CONVERGED_NFE // 2}: max per-seed RMSE {check:.2e}")
     return out[CONVERGED_NFE], check
-
-
-def _per_seed_rmse(out, ref):
-    return ((out.to(torch.float64) - ref) ** 2).flatten(1).mean(1).sqrt()
 
 
 def converged_section(seeds, warmup, settings, log):
@@ -153,7 +149,7 @@ def converged_section(seeds, warmup, settings, log):
     ref, check = converged_reference(model, cond, seeds, log)
     warmed = bundled_warm_ups(model, cond, warmup, sorted({m for m, _ in settings}), log)
     noise, c = seed_noise(range(seeds), model.shape), cond(list(range(seeds)))
-    rmse = lambda **kw: float(_per_seed_rmse(sample(model, noise, cond=c, **kw).samples, ref).mean())
+    rmse = lambda **kw: float(rmse_per_seed(sample(model, noise, cond=c, **kw).samples, ref).mean())
     rows = {}
     for solver in ("ipndm", "euler"):
         per = rows.setdefault(solver, {"default": {}})

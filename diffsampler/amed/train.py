@@ -20,7 +20,7 @@ from .. import __version__
 from .. import schedules as schedules_module
 from ..models.base import sigma_range, work_dtype
 from ..models.features import FeatureTap, find_feature_module
-from ..sampling import Evaluator, FirstCallAnalytic, check_schedule_fits, resolve_grid, sample
+from ..sampling import Evaluator, fixed_schedule_request, resolve_grid, sample, take_step
 from ..seeds import seed_noise
 from ..solvers import get_solver
 from ..solvers.amed import PLUGIN_BASES
@@ -54,12 +54,8 @@ def _detach(state):
 
 
 def _student_grid(student, denoiser, shape, nfe, afs, schedule, schedule_options, sigma_min, sigma_max):
-    fixed = schedules_module.resolve(schedule)[0] if schedule is not None and not schedule_options else None
-    if fixed is not None:
-        check_schedule_fits(fixed, denoiser, (1, *shape))
-        if afs is None:
-            afs = bool(fixed.info.get("afs", False))
-        schedule = fixed
+    schedule, afs = fixed_schedule_request(schedule, schedule_options, denoiser, shape, afs)
+    fixed = schedule if isinstance(schedule, schedules_module.Schedule) else None
     if afs is None and fixed is None:      # AFS whenever the NFE needs it (2 evaluations per step)
         afs = nfe is not None and nfe % student.evals_per_step != 0
     lo, hi = sigma_range(denoiser)
@@ -182,9 +178,7 @@ def _student_pass(student, denoiser, noise, grid, afs, cond, targets, work, thro
     x, state, losses = noise.to(work) * grid[0], student.init_state(), []
     with student.attach(denoiser):
         for i in range(steps):
-            evaluate.step = i
-            step_evaluate = FirstCallAnalytic(evaluate) if (afs and i == 0) else evaluate
-            x_next, _, state = student.step(step_evaluate, x, i, grid, state)
+            x_next, _, state = take_step(student, evaluate, x, i, grid, state, afs)
             loss = (x_next - targets[i].to(work)).flatten(1).norm(dim=1).mean()
             if not through and loss.requires_grad:
                 loss.backward()
