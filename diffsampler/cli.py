@@ -321,7 +321,11 @@ def amed_group():
 @click.option("--solver", type=click.Choice(["amed", "euler", "ipndm", "dpmpp", "dpm2"]), default="amed",
               show_default=True, help="amed = AMED-Solver; a solver name = AMED-Plugin on that solver.")
 @click.option("--nfe", type=click.IntRange(min=1), required=True, help="Model evaluations per sample (2 per step).")
-@click.option("--afs/--no-afs", default=None, help="Analytical first step. Default: on when the NFE is odd (it needs it).")
+@click.option("--afs/--no-afs", default=None,
+              help="Analytical first step. Default: on when the NFE is odd and --plain-first is not given.")
+@click.option("--plain-first", is_flag=True, default=False,
+              help="Odd NFE without AFS: step 0 is the base update with one evaluation and no intermediate point "
+                   "(for data whose mean is far from 0, where AFS's zero-mean guess is poor).")
 @click.option("--schedule", default=None, help="Schedule name or file (e.g. a GITS file made with --solver amed).")
 @click.option("--schedule-option", "schedule_option", multiple=True, metavar="KEY=VALUE")
 @click.option("--teacher", type=click.Choice(list(SOLVERS)), default="dpm2", show_default=True)
@@ -342,8 +346,8 @@ def amed_group():
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--trust-pickle", is_flag=True, default=False, help="Allow pickled models (edm:PATH.pkl).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Predictor file to write.")
-def amed_train(model, solver, nfe, afs, schedule, schedule_option, teacher, extra, scale_dir, scale_time, batch, iters,
-               lr, first_seed, feature_module, guidance, device, trust_pickle, out):
+def amed_train(model, solver, nfe, afs, plain_first, schedule, schedule_option, teacher, extra, scale_dir, scale_time,
+               batch, iters, lr, first_seed, feature_module, guidance, device, trust_pickle, out):
     """Distill an AMED predictor from a teacher solver (progress bar shows the loss)."""
     from .amed import train
     try:
@@ -356,7 +360,8 @@ def amed_train(model, solver, nfe, afs, schedule, schedule_option, teacher, extr
         denoiser, cond, _ = _conditioning(denoiser, None, None, None, guidance)
         if device != "cpu":
             denoiser = denoiser.to(device)
-        predictor = train(denoiser, denoiser.shape, solver=solver, nfe=nfe, afs=afs, schedule=schedule,
+        predictor = train(denoiser, denoiser.shape, solver=solver, nfe=nfe, afs=afs, plain_first=plain_first,
+                          schedule=schedule,
                           schedule_options=_parse_options(schedule_option, "--schedule-option") or None,
                           teacher=teacher, M=extra, scale_dir=scale_dir, scale_time=scale_time, batch=batch,
                           iters=iters, lr=lr, first_seed=first_seed, cond=cond, feature_module=feature_module,
@@ -365,7 +370,9 @@ def amed_train(model, solver, nfe, afs, schedule, schedule_option, teacher, extr
         raise click.UsageError(str(err)) from None
     predictor.save(out)
     info = predictor.settings
-    click.echo(f"wrote {out}: {predictor.solver().label} at NFE {info['nfe']}{' with AFS' if info['afs'] else ''}, "
+    first = " with AFS" if info["afs"] else ""
+    first += ", plain first step" if info.get("plain_first") else ""
+    click.echo(f"wrote {out}: {predictor.solver().label} at NFE {info['nfe']}{first}, "
                f"features from {predictor.feature_source!r} ({predictor.feature_dim}), final loss "
                f"{info['final_loss']:.4g}, {info['train_seconds']:.1f} s")
 

@@ -4,6 +4,8 @@ Rows at NFE 3..6 (AMED makes two evaluations per step, so odd NFEs use AFS, as i
 
 * ``dpm2`` / ``ipndm`` / ``dpmpp``: the base solvers on their default schedules, the better of
   with and without AFS (dpm2 only exists with AFS at odd NFE);
+* ``/pf`` (odd NFE): the same student with a plain first step (one evaluation at sigma_max, no
+  intermediate point) instead of AFS;
 * ``amed``: AMED-Solver; ``amed-ipndm`` / ``amed-dpmpp``: AMED-Plugin on those solvers; each
   trained with the package defaults (teacher dpm2 with at least 8 teacher steps, 40 batches of 32, Adam 1e-2)
   on seeds from 1,000,000 on, evaluated on seeds 0..N-1;
@@ -62,20 +64,24 @@ def runs(model, nfe, warm=None, cond=None, log=print, done=()):
             yield base, [dict(solver=base, nfe=nfe, afs=a) for a in options], None
         if warm is not None and base + "+gits" not in done:
             yield base + "+gits", [dict(solver=base, schedule=warm.schedule(nfe, base, afs=a), afs=a) for a in options], None
-    amed_gits = None                        # one GITS schedule (and AFS search) serves every AMED student
+    firsts = (False, True) if afs else (False,)    # odd NFE: AFS (paper) or a plain first step
+    amed_gits = {}                          # one GITS schedule (and AFS search) serves every AMED student
     for label, student in STUDENTS.items():
-        for tuned in ((False, True) if warm is not None else (False,)):
-            if label + ("+gits" if tuned else "") in done:
-                continue
-            if tuned and amed_gits is None:
-                amed_gits = warm.schedule(nfe, "amed", afs=afs)
-            schedule = amed_gits if tuned else None
-            t0 = time.perf_counter()
-            predictor = amed.train(model, solver=student, nfe=nfe, afs=afs, schedule=schedule, cond=cond)
-            seconds = time.perf_counter() - t0
-            log(f"  trained {label}{'+gits' if tuned else ''} NFE {nfe} in {seconds:.1f} s "
-                f"(loss {predictor.settings['final_loss']:.4f})")
-            yield label + ("+gits" if tuned else ""), [dict(amed=predictor)], seconds
+        for plain_first in firsts:
+            for tuned in ((False, True) if warm is not None else (False,)):
+                row = label + ("/pf" if plain_first else "") + ("+gits" if tuned else "")
+                if row in done:
+                    continue
+                if tuned and plain_first not in amed_gits:
+                    amed_gits[plain_first] = warm.schedule(nfe, "amed", afs=afs and not plain_first,
+                                                           solver_options={"plain_first": plain_first})
+                t0 = time.perf_counter()
+                predictor = amed.train(model, solver=student, nfe=nfe, afs=afs and not plain_first,
+                                       plain_first=plain_first, schedule=amed_gits.get(plain_first) if tuned else None,
+                                       cond=cond)
+                seconds = time.perf_counter() - t0
+                log(f"  trained {row} NFE {nfe} in {seconds:.1f} s (loss {predictor.settings['final_loss']:.4f})")
+                yield row, [dict(amed=predictor)], seconds
 
 
 def analytic_section(spec, seeds, log):

@@ -165,14 +165,14 @@ def converged_section(seeds, warmup, settings, log):
             "rows": rows}
 
 
-def _features(model, images, batch=250, **sample_kwargs):
+def _features(model, images, batch=250, first_seed=0, **sample_kwargs):
     from bundled import labels_cond
     from diffsampler.images import to_uint8
     from diffsampler.metrics import CLASSIFIER, fid as fid_module
     from diffsampler.metrics.sources import ImageArray
     cond, pixels = labels_cond(model), []
-    for k in range(0, images, batch):
-        chunk = list(range(k, min(images, k + batch)))
+    for k in range(first_seed, first_seed + images, batch):
+        chunk = list(range(k, min(first_seed + images, k + batch)))
         pixels.append(to_uint8(sample(model, seed_noise(chunk, model.shape), cond=cond(chunk), **sample_kwargs).samples))
     return fid_module.extract_features(ImageArray(np.concatenate(pixels), "samples"), CLASSIFIER)
 
@@ -183,7 +183,7 @@ def _fid(features, reference):
 
 
 def fid_section(images, warmup, log, solvers=SOLVERS, nfes=NFES, settings=(("l2", 1.15),), subsets=400,
-                bootstrap=200):
+                bootstrap=200, first_seed=0):
     """FID (bundled classifier features) of each solver's default schedule and of GITS schedules.
 
     Same seeds for every configuration, so the paired bootstrap over images (same resampled
@@ -199,10 +199,11 @@ def fid_section(images, warmup, log, solvers=SOLVERS, nfes=NFES, settings=(("l2"
     rows = {}
     for solver in solvers:
         for nfe in nfes:
-            feats = {"default": _features(model, images, solver=solver, nfe=nfe)}
+            feats = {"default": _features(model, images, first_seed=first_seed, solver=solver, nfe=nfe)}
             for metric, coeff in settings:
                 schedule = warmed[metric].schedule(nfe, solver, coeff=coeff)
-                feats[f"GITS {metric} {coeff:g}"] = _features(model, images, solver=solver, schedule=schedule)
+                feats[f"GITS {metric} {coeff:g}"] = _features(model, images, first_seed=first_seed, solver=solver,
+                                                              schedule=schedule)
             row = {"fid": {k: _fid(f, reference) for k, f in feats.items()},
                    f"fid_{subsets}_slices": {k: [_fid(f[a:a + subsets], reference)
                                                  for a in range(0, images - subsets + 1, subsets)]
@@ -217,7 +218,8 @@ def fid_section(images, warmup, log, solvers=SOLVERS, nfes=NFES, settings=(("l2"
             rows.setdefault(solver, {})[nfe] = row
             log(f"FID {solver} NFE {nfe}: " + "  ".join(f"{k} {v:.3f}" for k, v in row["fid"].items()) + "  diff "
                 + "  ".join(f"{k} {v['mean']:+.3f}+-{v['std']:.3f}" for k, v in row["diff_vs_default_bootstrap"].items()))
-    return {"images": images, "warmup": warmup, "settings": [list(x) for x in settings], "rows": rows}
+    return {"images": images, "first_seed": first_seed, "warmup": warmup, "settings": [list(x) for x in settings],
+            "rows": rows}
 
 
 def cost_section(log, configs=((1, 128), (1, 256), (2, 256))):
@@ -284,7 +286,7 @@ def markdown(report):
             nfes = sorted(per, key=int)
             labels = list(per[nfes[0]]["fid"])
             lines += [f"## FID on the bundled model, {solver} ({fid_report['images']} images, bundled classifier features)", "",
-                      "Seeds 0..N-1 for every row (paired).  `diff`: FID(GITS) - FID(default), mean +- std over 200 "
+                      f"Seeds {fid_report.get('first_seed', 0)}..{fid_report.get('first_seed', 0)}+N-1 for every row (paired).  `diff`: FID(GITS) - FID(default), mean +- std over 200 "
                       "paired bootstrap resamples of the images, and the fraction of resamples where GITS is lower.  "
                       "`400-image slices`: FID of disjoint 400-image slices (min-max), the noise of a small-sample FID.", "",
                       "| schedule | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
@@ -322,6 +324,8 @@ def main(argv=None):
     parser.add_argument("--fid-solvers", default="ipndm", help="comma-separated (any of euler,ipndm,dpmpp,unipc)")
     parser.add_argument("--fid-nfes", default="4-10")
     parser.add_argument("--fid-settings", default="dev:1.0", help="GITS metric:coeff pairs, comma-separated")
+    parser.add_argument("--fid-first-seed", type=int, default=0,
+                        help="image seeds first..first+images-1 (another range confirms a setting chosen on 0..)")
     parser.add_argument("--converged", action="store_true", help="RMSE to converged samples on the bundled model")
     parser.add_argument("--converged-seeds", type=int, default=200)
     parser.add_argument("--converged-settings", default="l2:1.15,dev:1.15,l2:1.0,dev:1.0,dev:0.9")
@@ -348,7 +352,8 @@ def main(argv=None):
                                                 _parse_settings(args.converged_settings), log)
     if args.fid:
         report["fid"] = fid_section(args.fid_images, args.warmup, log, solvers=tuple(args.fid_solvers.split(",")),
-                                    nfes=_parse_nfes(args.fid_nfes), settings=_parse_settings(args.fid_settings))
+                                    nfes=_parse_nfes(args.fid_nfes), settings=_parse_settings(args.fid_settings),
+                                    first_seed=args.fid_first_seed)
         report.pop("fid_images", None)
     if args.cost:
         configs = tuple(tuple(int(v) for v in c.split("x")) for c in args.cost_configs.split(","))

@@ -61,6 +61,31 @@ def test_plugin_with_fixed_midpoints_is_the_base_solver_on_the_interleaved_grid(
     torch.testing.assert_close(plugin.samples, direct.samples, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("base", ["euler", "ipndm", "dpmpp"])
+def test_plugin_with_a_plain_first_step_has_no_midpoint_in_the_first_interval(base):
+    model = mixture()
+    noise = torch.randn(5, 12, dtype=torch.float64)
+    coarse = [80.0, 9.0, 1.3, 0.2, 0.002]
+    fine = [80.0, 9.0] + [s for a, b in zip(coarse[1:-1], coarse[2:]) for s in (a ** 0.5 * b ** 0.5, b)]
+    plugin = sample(model, noise, solver="amed", base=base, plain_first=True, sigmas=coarse)
+    direct = sample(model, noise, solver=base, sigmas=fine)
+    assert plugin.nfe == direct.nfe == 7
+    torch.testing.assert_close(plugin.samples, direct.samples, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("base", [None, "dpm2"])
+def test_amed_solver_plain_first_step_is_an_euler_step(base):
+    model = mixture()
+    noise = torch.randn(5, 12, dtype=torch.float64)
+    coarse = [80.0, 9.0, 1.3, 0.002]
+    ours = sample(model, noise, solver="amed", base=base, plain_first=True, sigmas=coarse)
+    x = noise * 80.0
+    x = x + (9.0 - 80.0) * (x - model(x, torch.full((5,), 80.0))) / 80.0
+    rest = sample(model, x / 9.0, solver="dpm2", r=0.5, sigmas=coarse[1:])
+    assert ours.nfe == 5
+    torch.testing.assert_close(ours.samples, rest.samples, rtol=0, atol=1e-12)
+
+
 def test_dpm2_plugin_with_fixed_r_is_dpm2():
     model = mixture()
     noise = torch.randn(5, 12, dtype=torch.float64)
@@ -76,6 +101,10 @@ def test_nfe_rule_with_afs_is_the_papers():
         solver.steps_for_nfe(4, afs=True)
     with pytest.raises(ValueError, match="base solver must be one of euler, ipndm, dpmpp, dpm2"):
         get_solver("amed", base="unipc")
+    plain_first = get_solver("amed", plain_first=True)      # the other way to odd NFE
+    assert plain_first.steps_for_nfe(5) == 3 and plain_first.steps_for_nfe(4, afs=True) == 3
+    with pytest.raises(ValueError, match="nfe must be one of 1, 3, 5, 7"):
+        plain_first.steps_for_nfe(6)
 
 
 # --- training against exact endpoints ------------------------------------------------------
@@ -90,6 +119,21 @@ def test_training_beats_the_base_solver_on_the_analytic_model(digits, solver, nf
     base = "dpm2" if solver == "amed" else solver
     base_errors = [rmse(sample(model, noise, solver=base, nfe=nfe, afs=afs).samples, exact)
                    for afs in (False, True) if nfe in get_solver(base).valid_nfes(afs)]
+    assert rmse(trained.samples, exact) < 0.9 * min(base_errors), (rmse(trained.samples, exact), base_errors)
+
+
+@pytest.mark.parametrize("solver", ["amed", "ipndm", "dpmpp"])
+def test_plain_first_step_training_beats_the_base_solver_at_nfe_5(digits, solver, tmp_path):
+    model, noise, exact = digits
+    predictor = amed.train(model, solver=solver, nfe=5, plain_first=True, iters=30, batch=32)
+    assert predictor.settings["plain_first"] and not predictor.afs
+    trained = sample(model, noise, amed=predictor)
+    assert trained.nfe == 5
+    reloaded = amed.load(predictor.save(tmp_path / "p.pt"))
+    assert torch.equal(sample(model, noise, amed=reloaded).samples, trained.samples)
+    base = "dpm2" if solver == "amed" else solver
+    base_errors = [rmse(sample(model, noise, solver=base, nfe=5, afs=afs).samples, exact)
+                   for afs in (False, True) if 5 in get_solver(base).valid_nfes(afs)]
     assert rmse(trained.samples, exact) < 0.9 * min(base_errors), (rmse(trained.samples, exact), base_errors)
 
 

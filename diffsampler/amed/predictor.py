@@ -70,7 +70,8 @@ class Predictor(nn.Module):
     def solver(self):
         """The AMED solver (AMED-Solver or AMED-Plugin on the trained base) using this predictor."""
         base = self.settings.get("solver", "amed")
-        return get_solver("amed", base=None if base == "amed" else base, predictor=self)
+        return get_solver("amed", base=None if base == "amed" else base, predictor=self,
+                          plain_first=bool(self.settings.get("plain_first", False)))
 
     def check_model(self, denoiser, sample_shape: Sequence[int]) -> None:
         """Refuse a model other than the one the predictor was trained for."""

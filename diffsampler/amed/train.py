@@ -56,8 +56,8 @@ def _detach(state):
 def _student_grid(student, denoiser, shape, nfe, afs, schedule, schedule_options, sigma_min, sigma_max):
     schedule, afs = fixed_schedule_request(schedule, schedule_options, denoiser, shape, afs)
     fixed = schedule if isinstance(schedule, schedules_module.Schedule) else None
-    if afs is None and fixed is None:      # AFS whenever the NFE needs it (2 evaluations per step)
-        afs = nfe is not None and nfe % student.evals_per_step != 0
+    if afs is None and fixed is None:      # AFS whenever the NFE needs it (never with plain_first)
+        afs = not student.plain_first and nfe is not None and nfe not in student.valid_nfes(False, up_to=nfe + 1)
     lo, hi = sigma_range(denoiser)
     grid = resolve_grid(student, nfe if fixed is None else None, schedule, schedule_options, None,
                         lo if sigma_min is None else sigma_min, hi if sigma_max is None else sigma_max, afs, False)
@@ -70,7 +70,7 @@ def _student_grid(student, denoiser, shape, nfe, afs, schedule, schedule_options
 
 
 def train(denoiser, shape: Optional[Sequence[int]] = None, solver: str = "amed", nfe: Optional[int] = 5, *,
-          afs: Optional[bool] = None, schedule=None, schedule_options: Optional[dict] = None,
+          afs: Optional[bool] = None, plain_first: bool = False, schedule=None, schedule_options: Optional[dict] = None,
           sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, teacher: str = "dpm2",
           M: Optional[int] = None, teacher_options: Optional[dict] = None, scale_dir: float = 0.0, scale_time: float = 0.0,
           hidden: int = 64, batch: int = 32, iters: int = 40, lr: float = 1e-2, first_seed: int = TRAIN_SEEDS,
@@ -81,7 +81,8 @@ def train(denoiser, shape: Optional[Sequence[int]] = None, solver: str = "amed",
     euler, ipndm, dpmpp, dpm2) at ``nfe`` on ``denoiser``; returns the :class:`Predictor`.
 
     ``afs`` defaults to "whenever the NFE needs it" (odd NFE), as in the paper (NFE 5 = 3 steps
-    with AFS).  ``M`` (teacher points per student step) defaults to :func:`teacher_points`.  ``schedule`` may be a name or a schedule file (e.g. GITS made with ``--solver amed``).
+    with AFS); ``plain_first=True`` reaches an odd NFE instead with a first step that has no
+    intermediate point (see :mod:`diffsampler.solvers.amed`).  ``M`` (teacher points per student step) defaults to :func:`teacher_points`.  ``schedule`` may be a name or a schedule file (e.g. GITS made with ``--solver amed``).
     ``cond`` maps a list of seeds to that batch's conditioning (e.g. random class labels).
     ``through=True`` back-propagates the summed step losses through the whole student trajectory
     instead of step by step (the paper's way, the default); it costs ~20% more and on the bundled
@@ -95,7 +96,7 @@ def train(denoiser, shape: Optional[Sequence[int]] = None, solver: str = "amed",
     if M is not None and M < 0 or iters < 1 or batch < 1:
         raise ValueError(f"need M >= 0, iters >= 1 and batch >= 1; got M={M}, iters={iters}, batch={batch}")
     shape = tuple(shape if shape is not None else denoiser.shape)
-    plain = get_solver("amed", base=None if solver == "amed" else solver)
+    plain = get_solver("amed", base=None if solver == "amed" else solver, plain_first=plain_first)
     grid, afs, schedule_info = _student_grid(plain, denoiser, shape, nfe, afs, schedule, schedule_options,
                                              sigma_min, sigma_max)
     if M is None:
@@ -114,7 +115,8 @@ def train(denoiser, shape: Optional[Sequence[int]] = None, solver: str = "amed",
         sigma_probe = torch.full((batch,), grid[1], dtype=dtype, device=device)
         probe_out = denoiser(noise * grid[1], sigma_probe, **(batch_cond or {}))
         feature_dim = tap.take(noise, probe_out).shape[1]
-    settings = {"solver": solver, "nfe": plain.num_evals(len(grid) - 1, afs), "afs": afs, "sigmas": list(grid),
+    settings = {"solver": solver, "nfe": plain.num_evals(len(grid) - 1, afs), "afs": afs,
+                "plain_first": bool(plain_first), "sigmas": list(grid),
                 "schedule": schedule_info, "teacher": teacher, "teacher_options": dict(teacher_options or {}), "M": M,
                 "model": model_name, "model_fingerprint": model_fingerprint(denoiser), "shape": list(shape),
                 "guidance": guidance_scale(denoiser),
@@ -123,7 +125,7 @@ def train(denoiser, shape: Optional[Sequence[int]] = None, solver: str = "amed",
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(first_seed)
         predictor = Predictor(feature_dim, source, hidden, scale_dir, scale_time, settings).to(device)
-    student = get_solver("amed", base=plain.base, predictor=predictor)
+    student = predictor.solver()
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr)
     frozen = [(p, p.requires_grad) for p in (denoiser.parameters() if hasattr(denoiser, "parameters") else [])]
     losses, t0 = [], time.perf_counter()

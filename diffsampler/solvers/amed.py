@@ -17,6 +17,12 @@ reads the bottleneck feature of the evaluation at ``sigma_i`` and the two times,
   second sub-step's increment is multiplied by ``s_dir``.
 
 Both make two model evaluations per step (``NFE = 2 steps - afs``: 3 steps with AFS are NFE 5).
+``plain_first=True`` is the other way to an odd NFE: step 0 is the base update with its single
+evaluation at ``sigma_0`` and no intermediate point (Euler for AMED-Solver and dpm2), so
+``NFE = 2 steps - 1 - afs``.  Both drop one of step 0's two evaluations; AFS drops the one at
+``sigma_0`` and replaces it with the zero-mean guess ``denoised = 0`` (paper), ``plain_first``
+drops the intermediate one.  The guess is good for data centred at 0 (CIFAR-10 in [-1, 1]) and poor
+when the data mean is far from it (the bundled Fashion-MNIST model: mean image -0.44).
 Without a predictor ``r`` is the fixed option ``r`` and no scale is applied: with r = 0.5 the
 AMED-Solver is exactly ``dpm2`` (the midpoint method in log sigma), and a plugin is its base on
 the grid with geometric midpoints inserted.
@@ -61,6 +67,7 @@ class AMED(Solver):
     r: float = 0.5
     base: Optional[Union[str, Solver]] = None
     predictor: Optional[Any] = None
+    plain_first: bool = False
     evals_per_step = 2
     summary = "AMED-Solver / AMED-Plugin (learned intermediate time; r=0.5 without a predictor)"
 
@@ -75,6 +82,13 @@ class AMED(Solver):
         if self.base is not None and self.base.name not in PLUGIN_BASES:
             raise ValueError(f"amed: base solver must be one of {', '.join(PLUGIN_BASES)}, got {self.base.name!r}")
         self._tap: Optional[FeatureTap] = None
+
+    def num_evals(self, num_steps: int, afs: bool = False, denoise_to_zero: bool = False) -> int:
+        return super().num_evals(num_steps, afs, denoise_to_zero) - int(self.plain_first)
+
+    @classmethod
+    def nfe_rule(cls) -> str:
+        return "NFE = 2 x steps - afs - plain_first + denoise_to_zero"
 
     @property
     def label(self) -> str:
@@ -121,19 +135,29 @@ class AMED(Solver):
 
     def step(self, evaluate, x, i, sigmas, state):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = self._evaluate_with_features(evaluate, x, sigma)
-        r, scale_dir, scale_time = self.intermediate(x, denoised, sigma, sigma_next)
+        plain = self.plain_first and i == 0
         if not self.interleaves:
+            denoised = self._evaluate_with_features(evaluate, x, sigma)
             d = (x - denoised) / sigma
+            if plain:
+                return x + (sigma_next - sigma) * d, denoised, state
+            r, scale_dir, scale_time = self.intermediate(x, denoised, sigma, sigma_next)
             mid_weight = 1.0 if self.base is None else 1 / (2 * r)
             x_next = midpoint_step(evaluate, x, d, sigma, sigma_next, r, mid_weight, scale_dir, scale_time)
             return x_next, denoised, state
         base_state, fine = state
         if fine is None:            # the interleaved grid, geometric midpoints until predicted
-            fine = [s for a, b in zip(sigmas[:-1], sigmas[1:]) for s in (a, (a * b) ** 0.5)] + [sigmas[-1]]
-        fine = fine[:2 * i + 1] + [sigma ** (1 - r) * sigma_next ** r] + fine[2 * i + 2:]
+            fine = [s for k, (a, b) in enumerate(zip(sigmas[:-1], sigmas[1:]))
+                    for s in ((a,) if self.plain_first and k == 0 else (a, (a * b) ** 0.5))] + [sigmas[-1]]
+        at = 2 * i - int(self.plain_first)          # position of sigma_i on the interleaved grid
+        if plain:
+            x_next, denoised, base_state = self.base.step(evaluate, x, 0, tuple(fine), base_state)
+            return x_next, denoised, (base_state, fine)
+        denoised = self._evaluate_with_features(evaluate, x, sigma)
+        r, scale_dir, scale_time = self.intermediate(x, denoised, sigma, sigma_next)
+        fine = fine[:at + 1] + [sigma ** (1 - r) * sigma_next ** r] + fine[at + 2:]
         grid = tuple(fine)
-        x_mid, _, base_state = self.base.step(_Replay(evaluate, denoised), x, 2 * i, grid, base_state)
-        x_base, _, base_state = self.base.step(_time_scaled(evaluate, scale_time), x_mid, 2 * i + 1, grid, base_state)
+        x_mid, _, base_state = self.base.step(_Replay(evaluate, denoised), x, at, grid, base_state)
+        x_base, _, base_state = self.base.step(_time_scaled(evaluate, scale_time), x_mid, at + 1, grid, base_state)
         x_next = x_base if isinstance(scale_dir, float) and scale_dir == 1.0 else x_mid + scale_dir * (x_base - x_mid)
         return x_next, denoised, (base_state, fine)

@@ -67,9 +67,9 @@ class Solver:
         """Number of steps that spends exactly ``nfe`` evaluations, or a ValueError naming valid values."""
         if isinstance(nfe, bool) or not isinstance(nfe, int):
             raise ValueError(f"nfe must be an integer, got {nfe!r}")
-        budget = nfe + int(afs) - int(denoise_to_zero)
-        if nfe >= 1 and budget >= self.evals_per_step and budget % self.evals_per_step == 0:
-            return budget // self.evals_per_step
+        for steps in range(1, nfe + 3):
+            if self.num_evals(steps, afs, denoise_to_zero) == nfe:
+                return steps
         valid = self.valid_nfes(afs, denoise_to_zero)
         flags = ", ".join(f for f, on in (("afs", afs), ("denoise_to_zero", denoise_to_zero)) if on)
         raise ValueError(
