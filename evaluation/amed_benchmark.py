@@ -100,18 +100,12 @@ def analytic_section(spec, seeds, log):
 
 def bundled_section(images, log, rows, save, gits_too=True, nfes=NFES):
     """Fills ``rows`` (resuming the rows already there) and calls ``save()`` after each one."""
-    from bundled import bundled_model, labels_cond, score
+    from bundled import bundled_model, converged, labels_cond, score
     model = bundled_model()
     cond = labels_cond(model)
     seeds = list(range(256))
     noise, c = seed_noise(seeds, model.shape), cond(seeds)
-    cache = HERE / ".cache" / "bundled_heun160_seeds0-255.pt"
-    if cache.is_file():
-        ref = torch.load(cache)
-    else:
-        ref = sample(model, noise, solver="heun", nfe=160, cond=c).samples
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(ref, cache)
+    ref = converged(model, len(seeds), "heun", 160)
     warm = None
     if gits_too:
         warm = gits.warm_up(model, model.shape, warmup=256, first_seed=GITS_SEED, cond=cond, keep_endpoints=True,

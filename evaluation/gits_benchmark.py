@@ -90,8 +90,12 @@ def _parse_settings(text):
 
 
 def _parse_nfes(text):
-    lo, _, hi = text.partition("-")
-    return tuple(range(int(lo), int(hi or lo) + 1))
+    """'4-10' or '5,6,9' (or a mix: '4-6,9') -> a tuple of NFEs."""
+    nfes = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        nfes += range(int(lo), int(hi or lo) + 1)
+    return tuple(nfes)
 
 
 def bundled_warm_ups(model, cond, warmup, metrics, log, batch=128):
@@ -122,23 +126,13 @@ def bundled_warm_ups(model, cond, warmup, metrics, log, batch=128):
     return {m: gits.WarmUp(grid, saved["costs"][m], {**settings, "metric": m}, {}, []) for m in metrics}
 
 
-def converged_reference(model, cond, seeds, log):
+def converged_reference(model, seeds, log):
     """ipndm at NFE 200 (polynomial rho=7) for seeds 0..seeds-1, checked against NFE 100 (cached)."""
-    out = {}
-    for nfe in (CONVERGED_NFE, CONVERGED_NFE // 2):
-        path = CACHE / f"gits_converged_fashion-mnist_ipndm_nfe{nfe}_seeds0-{seeds - 1}.pt"
-        if not path.exists():
-            parts = []
-            for k in range(0, seeds, 100):
-                chunk = list(range(k, min(seeds, k + 100)))
-                parts.append(sample(model, seed_noise(chunk, model.shape), solver="ipndm", nfe=nfe,
-                                    cond=cond(chunk)).samples.to(torch.float64))
-            CACHE.mkdir(exist_ok=True)
-            torch.save(torch.cat(parts), path)
-        out[nfe] = torch.load(path)
-    check = float(rmse_per_seed(out[CONVERGED_NFE // 2], out[CONVERGED_NFE]).max())
+    from bundled import converged
+    ref, half = (converged(model, seeds, "ipndm", nfe) for nfe in (CONVERGED_NFE, CONVERGED_NFE // 2))
+    check = float(rmse_per_seed(half, ref).max())
     log(f"converged reference: ipndm NFE {CONVERGED_NFE} vs {CONVERGED_NFE // 2}: max per-seed RMSE {check:.2e}")
-    return out[CONVERGED_NFE], check
+    return ref, check
 
 
 def converged_section(seeds, warmup, settings, log):
@@ -146,7 +140,7 @@ def converged_section(seeds, warmup, settings, log):
     from bundled import bundled_model, labels_cond
     model = bundled_model()
     cond = labels_cond(model)
-    ref, check = converged_reference(model, cond, seeds, log)
+    ref, check = converged_reference(model, seeds, log)
     warmed = bundled_warm_ups(model, cond, warmup, sorted({m for m, _ in settings}), log)
     noise, c = seed_noise(range(seeds), model.shape), cond(list(range(seeds)))
     rmse = lambda **kw: float(rmse_per_seed(sample(model, noise, cond=c, **kw).samples, ref).mean())
@@ -165,23 +159,6 @@ def converged_section(seeds, warmup, settings, log):
             "rows": rows}
 
 
-def _features(model, images, batch=250, first_seed=0, **sample_kwargs):
-    from bundled import labels_cond
-    from diffsampler.images import to_uint8
-    from diffsampler.metrics import CLASSIFIER, fid as fid_module
-    from diffsampler.metrics.sources import ImageArray
-    cond, pixels = labels_cond(model), []
-    for k in range(first_seed, first_seed + images, batch):
-        chunk = list(range(k, min(first_seed + images, k + batch)))
-        pixels.append(to_uint8(sample(model, seed_noise(chunk, model.shape), cond=cond(chunk), **sample_kwargs).samples))
-    return fid_module.extract_features(ImageArray(np.concatenate(pixels), "samples"), CLASSIFIER)
-
-
-def _fid(features, reference):
-    from diffsampler.metrics import fid as fid_module
-    return fid_module.frechet_distance(fid_module.statistics(features), reference)
-
-
 def fid_section(images, warmup, log, solvers=SOLVERS, nfes=NFES, settings=(("l2", 1.15),), subsets=400,
                 bootstrap=200, first_seed=0):
     """FID (bundled classifier features) of each solver's default schedule and of GITS schedules.
@@ -189,30 +166,28 @@ def fid_section(images, warmup, log, solvers=SOLVERS, nfes=NFES, settings=(("l2"
     Same seeds for every configuration, so the paired bootstrap over images (same resampled
     indices for both) gives the spread of the FID *difference*; FIDs of disjoint ``subsets``-image
     slices show how noisy a small-sample FID is."""
-    from bundled import REFERENCE, bundled_model, labels_cond
-    from diffsampler.metrics import fid as fid_module
+    from bundled import bundled_model, features, fid_of, labels_cond
     model = bundled_model()
-    reference = fid_module.load_reference(REFERENCE)
     warmed = bundled_warm_ups(model, labels_cond(model), warmup, sorted({m for m, _ in settings}), log)
     gen = np.random.default_rng(0)
     draws = [gen.integers(0, images, images) for _ in range(bootstrap)]
     rows = {}
     for solver in solvers:
         for nfe in nfes:
-            feats = {"default": _features(model, images, first_seed=first_seed, solver=solver, nfe=nfe)}
+            feats = {"default": features(model, images, first_seed, solver=solver, nfe=nfe)[0]}
             for metric, coeff in settings:
                 schedule = warmed[metric].schedule(nfe, solver, coeff=coeff)
-                feats[f"GITS {metric} {coeff:g}"] = _features(model, images, first_seed=first_seed, solver=solver,
-                                                              schedule=schedule)
-            row = {"fid": {k: _fid(f, reference) for k, f in feats.items()},
-                   f"fid_{subsets}_slices": {k: [_fid(f[a:a + subsets], reference)
+                feats[f"GITS {metric} {coeff:g}"] = features(model, images, first_seed, solver=solver,
+                                                             schedule=schedule)[0]
+            row = {"fid": {k: fid_of(f) for k, f in feats.items()},
+                   f"fid_{subsets}_slices": {k: [fid_of(f[a:a + subsets])
                                                  for a in range(0, images - subsets + 1, subsets)]
                                              for k, f in feats.items()}}
             row["diff_vs_default_bootstrap"] = {}
             for k, f in feats.items():
                 if k == "default":
                     continue
-                diffs = np.array([_fid(f[i], reference) - _fid(feats["default"][i], reference) for i in draws])
+                diffs = np.array([fid_of(f[i]) - fid_of(feats["default"][i]) for i in draws])
                 row["diff_vs_default_bootstrap"][k] = {"mean": float(diffs.mean()), "std": float(diffs.std()),
                                                         "p_gits_better": float((diffs < 0).mean())}
             rows.setdefault(solver, {})[nfe] = row

@@ -235,6 +235,13 @@ def test_cli_trains_and_samples_with_a_predictor(tmp_path):
     result = runner.invoke(main, ["sample", "--model", "gmm:digits", "--amed", str(out), "--nfe", "7",
                                   "--outdir", str(tmp_path / "t")])
     assert result.exit_code != 0 and "trained for NFE 5, not 7" in result.output
+    result = runner.invoke(main, ["amed", "train", "--model", "gmm:digits", "--solver", "ipndm", "--nfe", "5",
+                                  "--plain-first", "--iters", "2", "--batch", "4", "--out", str(tmp_path / "pf.pt")])
+    assert result.exit_code == 0, result.output
+    assert "amed-plugin:ipndm at NFE 5, plain first step" in result.output
+    result = runner.invoke(main, ["amed", "train", "--model", "gmm:digits", "--nfe", "4", "--plain-first",
+                                  "--iters", "2", "--batch", "4", "--out", str(tmp_path / "pf4.pt")])
+    assert result.exit_code != 0 and "nfe must be one of 1, 3, 5" in result.output
 
 
 def test_cli_predictor_trained_with_guidance_needs_the_same_guidance(tmp_path):

@@ -33,8 +33,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-import torch
-
 from ..models.features import FeatureTap
 from .base import Solver
 from .dpm2 import midpoint_step
