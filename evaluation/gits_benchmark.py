@@ -13,7 +13,7 @@ points of polynomial rho=7.
   ``--converged-settings`` metric:coefficient pair.  Not dominated by FID's sampling noise.
 * FID (``--fid``) on the bundled model with the bundled classifier extractor against the
   committed reference statistics: ``--fid-solvers`` (default ipndm) at ``--fid-nfes`` (4-10),
-  default schedule vs GITS (``--fid-settings``, default dev:1.0), ``--fid-images`` (2000) images,
+  default schedule vs GITS (``--fid-settings``), ``--fid-images`` (2000) images,
   the same seeds for every row, with a paired bootstrap of the FID difference and the FIDs of
   disjoint 400-image slices (how noisy a small-sample FID is).
 * Search cost (``--cost``): wall time of the whole GITS search on the bundled model for 256
@@ -255,28 +255,8 @@ def markdown(report):
                          else f"**{values[str(n)]:.4f}**" for n in NFES]
                 lines.append(f"| {solver} | {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    if "fid" in report and "rows" in report["fid"]:
-        fid_report = report["fid"]
-        for solver, per in fid_report["rows"].items():
-            nfes = sorted(per, key=int)
-            labels = list(per[nfes[0]]["fid"])
-            lines += [f"## FID on the bundled model, {solver} ({fid_report['images']} images, bundled classifier features)", "",
-                      f"Seeds {fid_report.get('first_seed', 0)}..{fid_report.get('first_seed', 0)}+N-1 for every row (paired).  `diff`: FID(GITS) - FID(default), mean +- std over 200 "
-                      "paired bootstrap resamples of the images, and the fraction of resamples where GITS is lower.  "
-                      "`400-image slices`: FID of disjoint 400-image slices (min-max), the noise of a small-sample FID.", "",
-                      "| schedule | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
-            for label in labels:
-                lines.append(f"| {label} | " + " | ".join(f"{per[n]['fid'][label]:.3f}" for n in nfes) + " |")
-            for label in labels[1:]:
-                lines.append(f"| diff {label} | " + " | ".join(
-                    f"{per[n]['diff_vs_default_bootstrap'][label]['mean']:+.3f} +- "
-                    f"{per[n]['diff_vs_default_bootstrap'][label]['std']:.3f} "
-                    f"({per[n]['diff_vs_default_bootstrap'][label]['p_gits_better']:.2f})" for n in nfes) + " |")
-            for label in labels:
-                slices = lambda n: per[n][next(k for k in per[n] if k.endswith("_slices"))][label]
-                lines.append(f"| 400-image slices, {label} | " + " | ".join(
-                    f"{min(slices(n)):.2f}-{max(slices(n)):.2f}" for n in nfes) + " |")
-            lines.append("")
+    for key in sorted(k for k in report if k == "fid" or k.startswith("fid_from_seed_")):
+        lines += _fid_markdown(report[key])
     if "search_cost" in report and "runs" in report["search_cost"]:
         c = report["search_cost"]
         lines += [f"## Search cost (bundled model, 256 warm-up seeds, NFE 5, {c['cpus']}-core CPU shared with other work)", "",
@@ -289,6 +269,52 @@ def markdown(report):
     return "\n".join(lines)
 
 
+def _fid_markdown(fid_report):
+    """One table per solver: every label measured at any NFE ('-' where a label was not run)."""
+    lines, first = [], fid_report.get("first_seed", 0)
+    for solver, per in fid_report.get("rows", {}).items():
+        nfes = sorted(per, key=int)
+        labels = list(dict.fromkeys(label for n in nfes for label in per[n]["fid"]))
+        cell = lambda n, get: "-" if get(n) is None else get(n)
+        lines += [f"## FID on the bundled model, {solver} ({fid_report['images']} images from seed {first}, "
+                  "bundled classifier features)", "",
+                  f"Seeds {first}..{first + fid_report['images'] - 1} for every row (paired).  `diff`: FID(GITS) - FID(default), mean +- std "
+                  "over 200 paired bootstrap resamples of the images, and the fraction of resamples where GITS is "
+                  "lower.  `400-image slices`: FID of disjoint 400-image slices (min-max), the noise of a "
+                  "small-sample FID.", "",
+                  "| schedule | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+        for label in labels:
+            lines.append(f"| {label} | " + " | ".join(
+                cell(n, lambda n: f"{per[n]['fid'][label]:.3f}" if label in per[n]["fid"] else None) for n in nfes) + " |")
+        for label in labels[1:]:
+            def diff(n):
+                d = per[n]["diff_vs_default_bootstrap"].get(label)
+                return None if d is None else f"{d['mean']:+.3f} +- {d['std']:.3f} ({d['p_gits_better']:.2f})"
+            lines.append(f"| diff {label} | " + " | ".join(cell(n, diff) for n in nfes) + " |")
+        for label in labels:
+            def spread(n):
+                slices = per[n][next(k for k in per[n] if k.endswith("_slices"))].get(label)
+                return None if slices is None else f"{min(slices):.2f}-{max(slices):.2f}"
+            lines.append(f"| 400-image slices, {label} | " + " | ".join(cell(n, spread) for n in nfes) + " |")
+        lines.append("")
+    return lines
+
+
+def merge_fid(old, new):
+    """Add a FID run to an earlier one on the same images (same seeds and count): rows and labels
+    accumulate, a configuration measured again is replaced."""
+    if not old or old.get("images") != new["images"] or old.get("first_seed", 0) != new["first_seed"]:
+        return new
+    for solver, per in new["rows"].items():
+        kept = old["rows"].setdefault(solver, {})
+        for nfe, row in per.items():
+            target = kept.setdefault(str(nfe), {})
+            for part, values in row.items():
+                target.setdefault(part, {}).update(values)
+    old["settings"] = [list(x) for x in dict.fromkeys(tuple(x) for x in old["settings"] + new["settings"])]
+    return old
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gmm:digits,gmm:synthetic:16:3x32x32:0")
@@ -298,7 +324,7 @@ def main(argv=None):
     parser.add_argument("--fid-images", type=int, default=2000)
     parser.add_argument("--fid-solvers", default="ipndm", help="comma-separated (any of euler,ipndm,dpmpp,unipc)")
     parser.add_argument("--fid-nfes", default="4-10")
-    parser.add_argument("--fid-settings", default="dev:1.0", help="GITS metric:coeff pairs, comma-separated")
+    parser.add_argument("--fid-settings", default="dev:1.05,dev:1.15", help="GITS metric:coeff pairs, comma-separated")
     parser.add_argument("--fid-first-seed", type=int, default=0,
                         help="image seeds first..first+images-1 (another range confirms a setting chosen on 0..)")
     parser.add_argument("--converged", action="store_true", help="RMSE to converged samples on the bundled model")
@@ -326,9 +352,11 @@ def main(argv=None):
         report["converged"] = converged_section(args.converged_seeds, args.warmup,
                                                 _parse_settings(args.converged_settings), log)
     if args.fid:
-        report["fid"] = fid_section(args.fid_images, args.warmup, log, solvers=tuple(args.fid_solvers.split(",")),
-                                    nfes=_parse_nfes(args.fid_nfes), settings=_parse_settings(args.fid_settings),
-                                    first_seed=args.fid_first_seed)
+        key = "fid" if args.fid_first_seed == 0 else f"fid_from_seed_{args.fid_first_seed}"
+        measured = fid_section(args.fid_images, args.warmup, log, solvers=tuple(args.fid_solvers.split(",")),
+                               nfes=_parse_nfes(args.fid_nfes), settings=_parse_settings(args.fid_settings),
+                               first_seed=args.fid_first_seed)
+        report[key] = merge_fid(report.get(key), json.loads(json.dumps(measured)))
         report.pop("fid_images", None)
     if args.cost:
         configs = tuple(tuple(int(v) for v in c.split("x")) for c in args.cost_configs.split(","))
