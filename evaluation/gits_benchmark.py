@@ -255,7 +255,7 @@ def markdown(report):
                          else f"**{values[str(n)]:.4f}**" for n in NFES]
                 lines.append(f"| {solver} | {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    for key in sorted(k for k in report if k == "fid" or k.startswith("fid_from_seed_")):
+    for key in sorted(k for k in report if k.startswith("fid") and isinstance(report[k], dict) and "rows" in report[k]):
         lines += _fid_markdown(report[key])
     if "search_cost" in report and "runs" in report["search_cost"]:
         c = report["search_cost"]
@@ -298,6 +298,31 @@ def _fid_markdown(fid_report):
             lines.append(f"| 400-image slices, {label} | " + " | ".join(cell(n, spread) for n in nfes) + " |")
         lines.append("")
     return lines
+
+
+def plot_fid(report, path):
+    """FID against NFE, default schedule (dashed) vs each GITS setting, one panel per FID run and solver."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(key, solver, per) for key in sorted(report) if key.startswith("fid") and isinstance(report[key], dict)
+              and "rows" in report[key] for solver, per in report[key]["rows"].items()]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    for ax, (key, solver, per) in zip(axes[0], panels):
+        nfes = sorted(per, key=int)
+        labels = [label for label in dict.fromkeys(l for n in nfes for l in per[n]["fid"])
+                  if all(label in per[n]["fid"] for n in nfes)]
+        for label in labels:
+            ax.plot([int(n) for n in nfes], [per[n]["fid"][label] for n in nfes], marker="o",
+                    linestyle="--" if label == "default" else "-", label=label)
+        run = report[key]
+        ax.set(title=f"{solver}, {run['images']} images from seed {run.get('first_seed', 0)}", xlabel="NFE", ylabel="FID")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def merge_fid(old, new):
@@ -365,6 +390,7 @@ def main(argv=None):
         report["search_cost"] = measured
     path.write_text(json.dumps(report, indent=1))
     (out / "gits.md").write_text(markdown(json.loads(path.read_text())))
+    plot_fid(json.loads(path.read_text()), out / "gits_fid.png")
     print(f"wrote {path} and {out / 'gits.md'}")
 
 
