@@ -325,6 +325,28 @@ def plot_fid(report, path):
     plt.close(fig)
 
 
+def plot_endpoint(report, path):
+    """Endpoint RMSE against NFE on the analytic models, default schedule (dashed) vs GITS, per solver."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = report.get("endpoint_error", {})
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    for ax, (spec, rows) in zip(axes[0], models.items()):
+        for k, (solver, per) in enumerate(rows.items()):
+            nfes = sorted(per, key=int)
+            for kind, style in (("base", "--"), ("gits", "-")):
+                ax.plot([int(n) for n in nfes], [per[n][kind] for n in nfes], style, marker="o", color=f"C{k}",
+                        label=f"{solver} {'default' if kind == 'base' else 'GITS'}")
+        ax.set(title=spec, xlabel="NFE", ylabel="RMSE to exact endpoint", yscale="log")
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def merge_fid(old, new):
     """Add a FID run to an earlier one on the same images (same seeds and count): rows and labels
     accumulate, a configuration measured again is replaced."""
@@ -391,6 +413,7 @@ def main(argv=None):
     path.write_text(json.dumps(report, indent=1))
     (out / "gits.md").write_text(markdown(json.loads(path.read_text())))
     plot_fid(json.loads(path.read_text()), out / "gits_fid.png")
+    plot_endpoint(json.loads(path.read_text()), out / "gits_endpoint.png")
     print(f"wrote {path} and {out / 'gits.md'}")
 
 
