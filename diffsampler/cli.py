@@ -270,14 +270,19 @@ def schedule_group():
 @click.option("--warmup", type=click.IntRange(min=1), default=256, show_default=True, help="Warm-up trajectories.")
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--max-order", type=int, default=None, help="Student solver order (solvers that have one).")
+@click.option("--option", "solver_option", multiple=True, metavar="KEY=VALUE",
+              help="Other student solver option (repeatable), e.g. plain_first=true for AMED's odd-NFE rule.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--trust-pickle", is_flag=True, default=False,
               help="Allow pickled models (edm:PATH.pkl): unpickling runs code from the file, so only for files you trust.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Schedule file to write (JSON).")
 def schedule_gits(model, solver, nfe, afs, coeff, metric, teacher, teacher_steps, base_schedule, warmup, batch,
-                  max_order, device, trust_pickle, out):
+                  max_order, solver_option, device, trust_pickle, out):
     """Fit a GITS schedule to a model (dynamic programming over its own teacher trajectories)."""
     from .gits import optimize_schedule
+    options = _parse_options(solver_option, "--option")
+    if max_order is not None:
+        options["max_order"] = max_order
     try:
         denoiser = load_model(model, trust_pickle=trust_pickle)
         if device != "cpu":
@@ -285,7 +290,7 @@ def schedule_gits(model, solver, nfe, afs, coeff, metric, teacher, teacher_steps
         schedule = optimize_schedule(
             denoiser, denoiser.shape, nfe=nfe, solver=solver, afs=afs, coeff=coeff, metric=metric, teacher=teacher,
             teacher_steps=teacher_steps, base_schedule=base_schedule, warmup=warmup, batch=batch, device=device,
-            model_name=model, progress=True, solver_options={"max_order": max_order} if max_order else None)
+            model_name=model, progress=True, solver_options=options or None)
     except (ValueError, FileNotFoundError) as err:
         raise click.UsageError(str(err)) from None
     schedule.save(out)

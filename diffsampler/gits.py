@@ -242,7 +242,8 @@ class WarmUp:
             t0 = time.perf_counter()
             path = _choose_afs_point(self.denoiser, student, self.grid, path, self.kept)
             timings["afs_s"] = time.perf_counter() - t0
-        info = {"made_by": "gits", "nfe": nfe, "solver": student.name, "afs": afs, **self.settings,
+        info = {"made_by": "gits", "nfe": nfe, "solver": student.name, "solver_options": dict(solver_options or {}),
+                "afs": afs, **self.settings,
                 "coeff": coeff, "indices": path, "timings": timings, "diffsampler_version": __version__}
         return schedules_module.Schedule(self.grid[path], info)
 
@@ -310,7 +311,7 @@ def optimize_schedule(denoiser, shape: Sequence[int], nfe: int = 5, solver="ipnd
     dp_steps = student.steps_for_nfe(nfe, afs) - int(afs)
     _check_steps(dp_steps, warm_up_options.get("teacher_steps", 60) + 1)
     warm = warm_up(denoiser, shape, keep_endpoints=afs, **warm_up_options)
-    return warm.schedule(nfe, student, afs=afs, coeff=coeff)
+    return warm.schedule(nfe, solver, afs=afs, coeff=coeff, solver_options=solver_options)
 
 
 def _choose_afs_point(denoiser, student, grid, path, kept) -> List[int]:

@@ -11,6 +11,7 @@ from diffsampler.models.features import FALLBACK, find_feature_module
 from diffsampler.models.specs import load_model
 from diffsampler.models.unet import UNet, UNetConfig
 from diffsampler.reference import solve_ode
+from diffsampler.schedules import Schedule
 from diffsampler.seeds import seed_noise
 from diffsampler.solvers import get_solver
 
@@ -220,6 +221,25 @@ def test_training_on_a_gits_schedule_file(tmp_path):
 
 
 # --- CLI --------------------------------------------------------------------------------------
+
+def test_cli_gits_schedule_for_the_plain_first_rule_trains_a_plain_first_predictor(tmp_path):
+    runner = CliRunner()
+    path = tmp_path / "gits-pf.json"
+    result = runner.invoke(main, ["schedule", "gits", "--model", "gmm:digits", "--solver", "amed", "--nfe", "5",
+                                  "--option", "plain_first=true", "--warmup", "8", "--teacher-steps", "12",
+                                  "--out", str(path)])
+    assert result.exit_code == 0, result.output
+    schedule = Schedule.load(path)
+    assert schedule.info["solver_options"] == {"plain_first": True} and not schedule.info["afs"]
+    assert len(schedule.sigmas) == 4                  # 3 steps: 1 + 2 + 2 evaluations
+    result = runner.invoke(main, ["amed", "train", "--model", "gmm:digits", "--solver", "ipndm", "--nfe", "5",
+                                  "--plain-first", "--schedule", str(path), "--iters", "1", "--batch", "2",
+                                  "--out", str(tmp_path / "p.pt")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["amed", "train", "--model", "gmm:digits", "--solver", "ipndm", "--nfe", "5",
+                                  "--schedule", str(path), "--iters", "1", "--batch", "2", "--out", str(tmp_path / "q.pt")])
+    assert result.exit_code != 0 and "cost 6 evaluations" in result.output
+
 
 def test_cli_trains_and_samples_with_a_predictor(tmp_path):
     runner = CliRunner()

@@ -62,10 +62,11 @@ def _student_grid(student, denoiser, shape, nfe, afs, schedule, schedule_options
     grid = resolve_grid(student, nfe if fixed is None else None, schedule, schedule_options, None,
                         lo if sigma_min is None else sigma_min, hi if sigma_max is None else sigma_max, afs, False)
     implied = student.num_evals(len(grid) - 1, afs)
+    how = " --option plain_first=true" if student.plain_first else " --afs" if afs else ""
     if nfe is not None and implied != nfe:
         raise ValueError(f"the schedule has {len(grid) - 1} steps, which cost {implied} evaluations with AMED "
                          f"({student.nfe_rule()}{', AFS' if afs else ''}), not nfe={nfe}: make the schedule for "
-                         f"solver 'amed' (diffsampler schedule gits --solver amed --nfe {nfe}{' --afs' if afs else ''})")
+                         f"solver 'amed' (diffsampler schedule gits --solver amed --nfe {nfe}{how})")
     return tuple(float(s) for s in grid), bool(afs), (schedule.info if fixed is not None else str(schedule))
 
 
