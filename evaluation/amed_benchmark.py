@@ -127,6 +127,30 @@ def bundled_section(images, log, rows, save, gits_too=True, nfes=NFES):
     return rows
 
 
+def fid_check_section(nfe, images, log, rows):
+    """FID on ``images`` images of each AMED student against its base at one NFE, paired (same
+    seeds) with a bootstrap of the difference: the 500-image table's claims at a size where FID
+    noise is ~0.1.  Odd NFEs use the plain first step.  Fills ``rows`` (resumes)."""
+    from bundled import bundled_model, features, fid_of, labels_cond, paired_fid_difference
+    model = bundled_model()
+    cond = labels_cond(model)
+    plain_first = nfe % 2 == 1
+    for label, student in STUDENTS.items():
+        if label in rows:
+            continue
+        base = "dpm2" if student == "amed" else student
+        base_kw = dict(solver=base, nfe=nfe, afs=nfe not in get_solver(base).valid_nfes(False))
+        t0 = time.perf_counter()
+        predictor = amed.train(model, solver=student, nfe=nfe, plain_first=plain_first, cond=cond)
+        seconds = time.perf_counter() - t0
+        ours, theirs = features(model, images, amed=predictor)[0], features(model, images, **base_kw)[0]
+        rows[label] = {"base": base, "base_afs": base_kw["afs"], "plain_first": plain_first, "fid": fid_of(ours),
+                       "fid_base": fid_of(theirs), "diff": paired_fid_difference(ours, theirs), "train_s": seconds}
+        log(f"FID check NFE {nfe} {label}: {rows[label]['fid']:.3f} vs {base} {rows[label]['fid_base']:.3f} "
+            f"(diff {rows[label]['diff']['mean']:+.3f} +- {rows[label]['diff']['std']:.3f})")
+        yield
+
+
 def markdown(report):
     lines = ["# AMED-Solver and AMED-Plugin vs their base solvers", "",
              f"Recorded {report['date']} on {report['machine']}; {report['threads']} thread(s), torch {report['torch']}.", ""]
@@ -150,6 +174,17 @@ def markdown(report):
         times = [(label, n, e["train_s"]) for label, per in rows.items() for n, e in per.items() if e.get("train_s")]
         if times:
             lines += [f"Training time ({key}): " + ", ".join(f"{l} NFE {n}: {s:.0f} s" for l, n, s in times), ""]
+    for nfe, check in sorted(report.get("fid_check", {}).items()):
+        lines += [f"## FID check at NFE {nfe}: {check['images']} images, paired with the base solver", "",
+                  "Seeds 0..N-1 for both; `diff`: FID(AMED) - FID(base), mean +- std over 200 paired bootstrap "
+                  "resamples, and the fraction of resamples where AMED is lower.", "",
+                  "| student | first step | FID | base | base FID | diff |", "|---|---|---|---|---|---|"]
+        for label, row in check["rows"].items():
+            d = row["diff"]
+            lines.append(f"| {label} | {'plain' if row['plain_first'] else 'AFS' if int(nfe) % 2 else 'model'} | "
+                         f"{row['fid']:.3f} | {row['base']}{' (AFS)' if row['base_afs'] else ''} | "
+                         f"{row['fid_base']:.3f} | {d['mean']:+.3f} +- {d['std']:.3f} ({d['p_lower']:.2f}) |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -161,6 +196,9 @@ def main():
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--nfes", default="3,4,5,6", help="Bundled section: the NFEs to run (rows resume).")
     parser.add_argument("--seeds", type=int, default=256)
+    parser.add_argument("--fid-check", type=int, default=None, metavar="NFE",
+                        help="Paired FID of each AMED student vs its base at this NFE on --check-images images.")
+    parser.add_argument("--check-images", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "amed.json")
     args = parser.parse_args()
@@ -183,6 +221,12 @@ def main():
         report.setdefault("bundled", {})
         bundled_section(args.images, log, report["bundled"], save, gits_too=not args.no_gits,
                         nfes=[int(n) for n in args.nfes.split(",")])
+    if args.fid_check is not None:
+        check = report.setdefault("fid_check", {}).get(str(args.fid_check))
+        if check is None or check["images"] != args.check_images:
+            check = report["fid_check"][str(args.fid_check)] = {"images": args.check_images, "rows": {}}
+        for _ in fid_check_section(args.fid_check, args.check_images, log, check["rows"]):
+            save()
     save()
     print(markdown(report))
 

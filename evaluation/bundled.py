@@ -49,6 +49,15 @@ def fid_of(feats) -> float:
     return fid.frechet_distance(fid.statistics(feats), fid.load_reference(REFERENCE))
 
 
+def paired_fid_difference(feats, base, draws: int = 200, seed: int = 0) -> dict:
+    """FID(feats) - FID(base) for images of the same seeds: mean and std over ``draws`` paired
+    bootstrap resamples (the same resampled indices for both), and the fraction where feats is lower."""
+    gen = np.random.default_rng(seed)
+    picks = [gen.integers(0, len(base), len(base)) for _ in range(draws)]
+    diffs = np.array([fid_of(feats[i]) - fid_of(base[i]) for i in picks])
+    return {"mean": float(diffs.mean()), "std": float(diffs.std()), "p_lower": float((diffs < 0).mean())}
+
+
 def score(model, images: int, batch: int = 250, **sample_kwargs):
     """FID (bundled classifier features, vs the training split) of seeds 0..images-1, with timings."""
     t0 = time.perf_counter()

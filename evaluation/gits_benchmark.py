@@ -166,11 +166,9 @@ def fid_section(images, warmup, log, solvers=SOLVERS, nfes=NFES, settings=(("l2"
     Same seeds for every configuration, so the paired bootstrap over images (same resampled
     indices for both) gives the spread of the FID *difference*; FIDs of disjoint ``subsets``-image
     slices show how noisy a small-sample FID is."""
-    from bundled import bundled_model, features, fid_of, labels_cond
+    from bundled import bundled_model, features, fid_of, labels_cond, paired_fid_difference
     model = bundled_model()
     warmed = bundled_warm_ups(model, labels_cond(model), warmup, sorted({m for m, _ in settings}), log)
-    gen = np.random.default_rng(0)
-    draws = [gen.integers(0, images, images) for _ in range(bootstrap)]
     rows = {}
     for solver in solvers:
         for nfe in nfes:
@@ -187,9 +185,9 @@ def fid_section(images, warmup, log, solvers=SOLVERS, nfes=NFES, settings=(("l2"
             for k, f in feats.items():
                 if k == "default":
                     continue
-                diffs = np.array([fid_of(f[i]) - fid_of(feats["default"][i]) for i in draws])
-                row["diff_vs_default_bootstrap"][k] = {"mean": float(diffs.mean()), "std": float(diffs.std()),
-                                                        "p_gits_better": float((diffs < 0).mean())}
+                diff = paired_fid_difference(f, feats["default"], bootstrap)
+                row["diff_vs_default_bootstrap"][k] = {"mean": diff["mean"], "std": diff["std"],
+                                                        "p_gits_better": diff["p_lower"]}
             rows.setdefault(solver, {})[nfe] = row
             log(f"FID {solver} NFE {nfe}: " + "  ".join(f"{k} {v:.3f}" for k, v in row["fid"].items()) + "  diff "
                 + "  ".join(f"{k} {v['mean']:+.3f}+-{v['std']:.3f}" for k, v in row["diff_vs_default_bootstrap"].items()))
