@@ -90,16 +90,33 @@ def list_command():
 
 
 def _init_distributed(device: str) -> str:
-    """Under torchrun (WORLD_SIZE > 1) join the process group; return this rank's device."""
+    """Under torchrun (WORLD_SIZE > 1) join the process group; return this rank's device.
+
+    The group is destroyed at exit: a rank that leaves with a live gloo group can abort in its
+    own teardown ("terminate called without an active exception") while the others still work."""
+    import atexit
     import os
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
         return device
     cuda = device.startswith("cuda")
     torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    atexit.register(torch.distributed.destroy_process_group)
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     return device
+
+
+def _conditioning_options(f):
+    """--class, --prompt, --negative-prompt, --guidance: what :func:`_conditioning` turns into model inputs."""
+    f = click.option("--guidance", type=float, default=1.0, show_default=True,
+                     help="Classifier-free guidance scale (1 = none). NFE counts guided evaluations, each one "
+                          "batched cond+uncond model call.")(f)
+    f = click.option("--negative-prompt", default=None, help="Negative prompt: the unconditional half of guidance.")(f)
+    f = click.option("--prompt", default=None, help="Text prompt (text-to-image models).")(f)
+    f = click.option("--class", "class_label", type=int, default=None,
+                     help="Class index for a class-conditional model (default: a random class per seed).")(f)
+    return f
 
 
 @main.command("sample")
@@ -124,13 +141,7 @@ def _init_distributed(device: str) -> str:
 @click.option("--denoise-to-zero/--no-denoise-to-zero", default=False, show_default=True)
 @click.option("--trust-pickle", is_flag=True, default=False,
               help="Allow pickled models (edm:PATH.pkl): unpickling runs code from the file, so only for files you trust.")
-@click.option("--class", "class_label", type=int, default=None,
-              help="Class index for a class-conditional model (default: a random class per seed).")
-@click.option("--prompt", default=None, help="Text prompt (text-to-image models).")
-@click.option("--negative-prompt", default=None, help="Negative prompt: the unconditional half of guidance.")
-@click.option("--guidance", type=float, default=1.0, show_default=True,
-              help="Classifier-free guidance scale (1 = none). NFE counts guided evaluations, each one batched "
-                   "cond+uncond model call.")
+@_conditioning_options
 @click.option("--seeds", default="0-63", show_default=True, help="Seeds: ranges and lists, e.g. 0-63 or 1,5,10-20.")
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch (per process).")
 @click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), required=True)
@@ -272,27 +283,47 @@ def schedule_group():
 @click.option("--max-order", type=int, default=None, help="Student solver order (solvers that have one).")
 @click.option("--option", "solver_option", multiple=True, metavar="KEY=VALUE",
               help="Other student solver option (repeatable), e.g. plain_first=true for AMED's odd-NFE rule.")
+@click.option("--first-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Warm-up seeds are first-seed .. first-seed + warmup - 1 (pick a range your evaluation does not use).")
+@_conditioning_options
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--trust-pickle", is_flag=True, default=False,
               help="Allow pickled models (edm:PATH.pkl): unpickling runs code from the file, so only for files you trust.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Schedule file to write (JSON).")
 def schedule_gits(model, solver, nfe, afs, coeff, metric, teacher, teacher_steps, base_schedule, warmup, batch,
-                  max_order, solver_option, device, trust_pickle, out):
-    """Fit a GITS schedule to a model (dynamic programming over its own teacher trajectories)."""
+                  max_order, solver_option, first_seed, class_label, prompt, negative_prompt, guidance, device,
+                  trust_pickle, out):
+    """Fit a GITS schedule to a model (dynamic programming over its own teacher trajectories).
+
+    The warm-up trajectories are conditioned as `diffsampler sample` conditions its samples (a
+    random class per seed unless --class; --prompt for text-to-image models; --guidance).  Scale out
+    with `torchrun --nproc_per_node N -m diffsampler schedule gits ...`: the warm-up seeds are split
+    across processes and their costs summed; rank 0 writes the file.
+    """
     from .gits import optimize_schedule
     options = _parse_options(solver_option, "--option")
     if max_order is not None:
         options["max_order"] = max_order
     try:
         denoiser = load_model(model, trust_pickle=trust_pickle)
+        if denoiser.shape is None:
+            raise ValueError(f"model {model!r} does not declare its sample shape")
+        denoiser, cond, _ = _conditioning(denoiser, class_label, prompt, negative_prompt, guidance)
+        device = _init_distributed(device)
         if device != "cpu":
             denoiser = denoiser.to(device)
+        rank = rank_and_world()[0]
         schedule = optimize_schedule(
             denoiser, denoiser.shape, nfe=nfe, solver=solver, afs=afs, coeff=coeff, metric=metric, teacher=teacher,
-            teacher_steps=teacher_steps, base_schedule=base_schedule, warmup=warmup, batch=batch, device=device,
-            model_name=model, progress=True, solver_options=options or None)
+            teacher_steps=teacher_steps, base_schedule=base_schedule, warmup=warmup, first_seed=first_seed,
+            batch=batch, cond=cond, device=device, model_name=model, progress=rank == 0,
+            solver_options=options or None)
     except (ValueError, FileNotFoundError) as err:
         raise click.UsageError(str(err)) from None
+    if rank != 0:
+        return
+    schedule.info["conditioning"] = {"class": class_label, "prompt": prompt, "negative_prompt": negative_prompt,
+                                     "guidance": guidance}
     schedule.save(out)
     t = schedule.info["timings"]
     click.echo(f"wrote {out}: {solver} at NFE {nfe}{' with AFS' if afs else ''}, {len(schedule.sigmas)} sigmas "

@@ -34,6 +34,7 @@ import torch
 
 from . import __version__
 from . import schedules as schedules_module
+from .generate import rank_and_world
 from .models.base import sigma_range
 from .sampling import sample
 from .seeds import seed_noise
@@ -202,13 +203,12 @@ def path_cost(cost, path: Sequence[int], coeff: float) -> float:
 
 
 def _split_for_rank(seeds: List[int]) -> List[int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return seeds[torch.distributed.get_rank()::torch.distributed.get_world_size()]
-    return seeds
+    rank, world = rank_and_world()
+    return seeds[rank::world]
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if rank_and_world()[1] > 1:
         torch.distributed.all_reduce(tensor)
     return tensor
 
@@ -295,7 +295,8 @@ def warm_up(denoiser, shape: Sequence[int], *, teacher="ipndm", teacher_steps: i
     settings = {"model": model_name, "shape": list(shape), "sigma_min": float(grid[-1]), "sigma_max": float(grid[0]),
                 "metric": metric, "teacher": teacher, "teacher_steps": len(grid) - 1,
                 "base_schedule": base_schedule if isinstance(base_schedule, str) else "custom",
-                "base_options": dict(base_options or {}), "warmup": int(count.item())}
+                "base_options": dict(base_options or {}), "warmup": int(count.item()), "first_seed": first_seed,
+                "processes": rank_and_world()[1]}
     return WarmUp(grid, cost, settings, timings, kept, denoiser)
 
 

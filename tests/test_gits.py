@@ -1,13 +1,17 @@
 """GITS: the DP against brute force, the vectorized cost matrix against a naive loop, and the
 schedules it finds against the usual ones on analytic models with exact endpoints."""
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from diffsampler import Schedule, gits, sample
+from diffsampler import Denoiser, Schedule, gits, sample
 from diffsampler.cli import main
+from diffsampler.generate import seed_labels
 from diffsampler.models.specs import load_model
 from diffsampler.reference import solve_ode
 from diffsampler.seeds import seed_noise
@@ -200,3 +204,73 @@ def test_one_warm_up_serves_every_solver_and_nfe():
     assert len(warm.schedule(6, "heun").sigmas) == 4                  # 2 evaluations per step: 3 steps
     with pytest.raises(ValueError, match="keep_endpoints=True"):
         warm.schedule(4, "ipndm", afs=True)
+
+
+def test_torchrun_splits_the_warm_up_and_finds_the_schedule_of_one_process(tmp_path):
+    """Two processes take half the warm-up seeds each and sum their costs: the same schedule (AFS point
+    included, which is searched across ranks too) as one process over all seeds, and one file."""
+    args = ["schedule", "gits", "--model", "digits", "--nfe", "5", "--afs", "--warmup", "32", "--batch", "8",
+            "--teacher-steps", "30"]
+    one = CliRunner().invoke(main, args + ["--out", str(tmp_path / "one.json")])
+    assert one.exit_code == 0, one.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29541", "-m", "diffsampler", *args, "--out", str(tmp_path / "two.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    single, double = Schedule.load(tmp_path / "one.json"), Schedule.load(tmp_path / "two.json")
+    assert double.info["indices"] == single.info["indices"] and torch.equal(double.sigmas, single.sigmas)
+    # 32 seeds in all: each rank did 16 (a rank that ran all of them would make the count 64)
+    assert (single.info["processes"], double.info["processes"]) == (1, 2)
+    assert single.info["warmup"] == double.info["warmup"] == 32
+    assert two.stdout.count("wrote ") == 1                           # rank 0 alone writes and reports
+
+
+class LabelledGaussians(Denoiser):
+    """Class c's data is N(mean_c, I) on 1x4x4 (exact denoiser); records the class rows of every call."""
+
+    shape, num_classes = (1, 4, 4), 3
+
+    def __init__(self):
+        self.means = torch.tensor([-2.0, 0.0, 3.0], dtype=torch.float64)
+        self.calls = []
+
+    def denoise(self, x, sigma, class_labels=None):
+        self.calls.append(class_labels.clone())
+        mean = (class_labels.to(torch.float64) @ self.means).reshape(-1, 1, 1, 1)
+        s2 = sigma.to(torch.float64).reshape(-1, 1, 1, 1) ** 2
+        return (mean + (x.to(torch.float64) - mean) / (1 + s2)).to(x.dtype)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], lambda seeds: seed_labels(seeds, 3)),                       # a random class per seed, as sample draws it
+    (["--class", "2"], lambda seeds: torch.full((len(seeds),), 2)),
+])
+def test_cli_warm_up_is_conditioned_like_sample(tmp_path, monkeypatch, extra, expected):
+    model = LabelledGaussians()
+    monkeypatch.setattr("diffsampler.cli.load_model", lambda spec, **kw: model)
+    out = tmp_path / "s.json"
+    made = CliRunner().invoke(main, ["schedule", "gits", "--model", "labelled", "--nfe", "3", "--warmup", "6",
+                                     "--batch", "6", "--teacher-steps", "10", "--first-seed", "100", *extra,
+                                     "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    assert len(model.calls) == 10 and all(torch.equal(c, model.calls[0]) for c in model.calls)
+    assert model.calls[0].argmax(1).tolist() == expected(range(100, 106)).tolist()
+    info = Schedule.load(out).info
+    assert info["first_seed"] == 100 and info["conditioning"]["class"] == (2 if extra else None)
+
+
+def test_cli_warm_up_with_guidance_makes_batched_cond_uncond_calls(tmp_path, monkeypatch):
+    refused = CliRunner().invoke(main, ["schedule", "gits", "--model", "digits", "--nfe", "3", "--class", "1",
+                                        "--out", str(tmp_path / "x.json")])
+    assert refused.exit_code == 2 and "model is unconditional" in refused.output
+    model = LabelledGaussians()
+    monkeypatch.setattr("diffsampler.cli.load_model", lambda spec, **kw: model)
+    made = CliRunner().invoke(main, ["schedule", "gits", "--model", "labelled", "--nfe", "3", "--warmup", "4",
+                                     "--batch", "4", "--teacher-steps", "10", "--guidance", "2",
+                                     "--out", str(tmp_path / "s.json")])
+    assert made.exit_code == 0, made.output
+    rows = model.calls[0]
+    assert len(model.calls) == 10 and rows.shape == (8, 3)           # one 2x-batch call per guided evaluation
+    assert rows.sum(1).tolist().count(0.0) == 4                      # the unconditional half
+    assert Schedule.load(tmp_path / "s.json").info["conditioning"]["guidance"] == 2.0
