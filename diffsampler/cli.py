@@ -273,7 +273,8 @@ def schedule_group():
 @click.option("--afs/--no-afs", default=False, show_default=True, help="Tune for sampling with an analytical first step.")
 @click.option("--coeff", type=float, default=1.15, show_default=True, help="DP coefficient on the remaining-path cost.")
 @click.option("--metric", type=click.Choice(["l2", "l1", "dev"]), default="dev", show_default=True,
-              help="Cost of one Euler jump: dev (the paper's: distance from the start-end chord vs the teacher's), l2, l1.")
+              help="Cost of one Euler jump: dev (the paper's: distance from the start-end chord vs the teacher's; "
+                   "blind to error along the chord, so use l2 for models with nearly straight trajectories), l2, l1.")
 @click.option("--teacher", type=click.Choice(list(SOLVERS)), default="ipndm", show_default=True)
 @click.option("--teacher-steps", type=click.IntRange(min=2), default=60, show_default=True,
               help="Intervals of the teacher grid (61 points by default).")

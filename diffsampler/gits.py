@@ -11,7 +11,11 @@ trajectories transfers to all samples:
    teacher point i to sigma_j, ``x_i + (sigma_j - sigma_i) d_i``, and the teacher point x_j.
    Metrics: ``l2`` and ``l1`` norms, and ``dev`` (the paper's recommended one): the step's
    deviation from the straight line through the trajectory's start and end, minus the teacher's
-   own deviation at j (signed, as in the paper's code).
+   own deviation at j (signed, as in the paper's code).  ``dev`` sees only error *across* that
+   chord: a jump that lands on the chord at the wrong place costs nothing.  Where trajectories are
+   nearly straight (measured on a synthetic isotropic mixture; flow-matching models aim for it)
+   every long jump then looks free and the DP ends on one jump from sigma ~6 to sigma_min; use
+   ``l2`` there (evaluation/results/gits.md has both).
    (:func:`warm_up` does steps 1-2 once per model; every solver and NFE reuses it.)
 3. Dynamic programming: K steps from point 0 to the last point minimizing
    ``C[p0, p1] + coeff * C[p1, p2] + coeff^2 * C[p2, p3] + ...`` (the paper's coefficient on the
