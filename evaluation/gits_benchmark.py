@@ -5,8 +5,9 @@ points of polynomial rho=7.
 
 * Endpoint error (default section; ``--models``, default the digits optimal denoiser and a
   3072-dim synthetic mixture): for euler, ipndm, dpmpp and unipc at NFE 3..10, mean per-seed RMSE
-  to the exact ODE endpoint of each solver's default schedule and of a GITS schedule (metric l2,
-  coefficient 1.15; reference endpoints shared with ``endpoint_error.py``'s cache).
+  to the exact ODE endpoint of the polynomial (rho=7) and logSNR grids and of GITS grids for each
+  ``--endpoint-settings`` metric:coefficient pair (default: the package's dev 1.15, then l2 1.15,
+  dev 1.05, l2 1.0; reference endpoints shared with ``endpoint_error.py``'s cache).
 * RMSE to converged samples (``--converged``) on the bundled Fashion-MNIST model: seeds 0..199
   with their class labels, against ipndm at NFE 200 of the same noise and label (cached under
   ``.cache``, checked against NFE 100); ipndm and euler, default schedule vs GITS for each
@@ -20,10 +21,15 @@ points of polynomial rho=7.
   warm-up seeds (teacher, cost matrix, DP) with 1 and 2 threads and teacher batch 128 / 256, with
   the load average around each run (the CPU is shared).
 
-The bundled-model sections share one teacher run per metric set (cached in ``.cache``).
+The bundled-model sections share one teacher run per metric set (cached in ``.cache``).  FID runs
+of the same images accumulate in the report; runs made in parallel with their own ``--out`` fold in
+with ``--merge``.
 
     python evaluation/gits_benchmark.py                       # analytic models
     python evaluation/gits_benchmark.py --skip-endpoint --converged --fid --cost     # bundled model parts
+    python evaluation/gits_benchmark.py --skip-endpoint --fid --fid-solvers euler --fid-nfes 3-10 --out /tmp/e &
+    python evaluation/gits_benchmark.py --skip-endpoint --fid --fid-solvers dpmpp --fid-nfes 3-10 --out /tmp/d
+    python evaluation/gits_benchmark.py --skip-endpoint --merge /tmp/e/gits.json /tmp/d/gits.json
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ import torch
 
 import diffsampler
 from diffsampler import gits, sample
+from diffsampler.fileio import write_atomic
 from diffsampler.models.base import sigma_range
 from diffsampler.models.specs import load_model
 from diffsampler.schedules import polynomial
@@ -57,27 +64,30 @@ CONVERGED_NFE = 200
 CACHE = HERE / ".cache"
 
 
-def warm(model, warmup, cond=None, dtype=torch.float64):
-    """One teacher warm-up per model; each solver/NFE schedule is a DP on its cost matrix."""
-    return gits.warm_up(model, model.shape, warmup=warmup, first_seed=WARMUP_FIRST_SEED, dtype=dtype, cond=cond,
-                        metric="l2")     # the metric the recorded endpoint tables were made with
+BASES = ("polynomial", "logsnr")
 
 
-def endpoint_section(spec, seeds, warmup, log):
+def endpoint_section(spec, seeds, warmup, settings, log):
+    """Mean per-seed RMSE to the exact endpoint: polynomial and logSNR grids vs GITS (metric:coeff) grids."""
     model = load_model(spec)
     ref, _ = reference(model, spec, seeds, 1e-9, 64, HERE / ".cache")
     noise = seed_noise(range(seeds), model.shape, dtype=torch.float64)
-    rows, warmed = {}, warm(model, warmup)
+    warmed = {metric: gits.warm_up(model, model.shape, warmup=warmup, first_seed=WARMUP_FIRST_SEED,
+                                   dtype=torch.float64, metric=metric)
+              for metric in sorted({m for m, _ in settings})}
+    rmse = lambda **kw: float(rmse_per_seed(sample(model, noise, **kw).samples, ref).mean())
+    rows = {}
     for solver in SOLVERS:
         for nfe in NFES:
-            base = sample(model, noise, solver=solver, nfe=nfe).samples
-            schedule = warmed.schedule(nfe, solver)
-            mine = sample(model, noise, solver=solver, schedule=schedule).samples
-            rmse = lambda out: float(((out - ref) ** 2).flatten(1).mean(1).sqrt().mean())
-            rows.setdefault(solver, {})[nfe] = {"base": rmse(base), "gits": rmse(mine),
-                                                "sigmas": [float(s) for s in schedule.sigmas]}
-            log(f"{spec} {solver} NFE {nfe}: base {rows[solver][nfe]['base']:.4f}  gits {rows[solver][nfe]['gits']:.4f}")
-    return rows
+            row = {"rmse": {base: rmse(solver=solver, nfe=nfe, schedule=base) for base in BASES}, "sigmas": {}}
+            for metric, coeff in settings:
+                label = f"GITS {metric} {coeff:g}"
+                schedule = warmed[metric].schedule(nfe, solver, coeff=coeff)
+                row["rmse"][label] = rmse(solver=solver, schedule=schedule)
+                row["sigmas"][label] = [float(s) for s in schedule.sigmas]
+            rows.setdefault(solver, {})[nfe] = row
+            log(f"{spec} {solver} NFE {nfe}: " + "  ".join(f"{k} {v:.4f}" for k, v in row["rmse"].items()))
+    return {"settings": [list(x) for x in settings], "rows": rows}
 
 
 def _parse_settings(text):
@@ -224,18 +234,19 @@ def cost_section(log, configs=((1, 128), (1, 256), (2, 256))):
 
 def markdown(report):
     lines = ["# GITS vs the usual schedules", "", f"Recorded {report['date']} on {report['machine']}.", ""]
-    for spec, rows in report.get("endpoint_error", {}).items():
+    for spec, run in report.get("endpoint_error", {}).items():
         lines += [f"## Endpoint error (RMSE to the exact endpoint), {spec}", "",
+                  f"Mean per-seed RMSE over {report['seeds']} seeds.  Bold: a GITS grid below both the "
+                  "polynomial (rho=7) and the logSNR grid.", "",
                   "| solver | schedule | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
                   "|---|---|" + "---|" * len(NFES)]
-        for solver, per in rows.items():
-            for kind in ("base", "gits"):
-                label = "default" if kind == "base" else "GITS l2 1.15"
+        for solver, per in run["rows"].items():
+            for label in per[str(NFES[0])]["rmse"]:
                 cells = []
                 for n in NFES:
-                    value = per[str(n)][kind] if str(n) in per else per[n][kind]
-                    other = (per[str(n)] if str(n) in per else per[n])["gits" if kind == "base" else "base"]
-                    cells.append(f"**{value:.4f}**" if value <= other else f"{value:.4f}")
+                    values = per[str(n)]["rmse"]
+                    beats = label not in BASES and values[label] < min(values[b] for b in BASES)
+                    cells.append(f"**{values[label]:.4f}**" if beats else f"{values[label]:.4f}")
                 lines.append(f"| {solver} | {label} | " + " | ".join(cells) + " |")
         lines.append("")
     if "converged" in report:
@@ -308,12 +319,14 @@ def plot_fid(report, path):
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    colours = {}                                       # one colour per setting across the panels
     for ax, (key, solver, per) in zip(axes[0], panels):
         nfes = sorted(per, key=int)
         labels = [label for label in dict.fromkeys(l for n in nfes for l in per[n]["fid"])
                   if all(label in per[n]["fid"] for n in nfes)]
         for label in labels:
-            ax.plot([int(n) for n in nfes], [per[n]["fid"][label] for n in nfes], marker="o",
+            colour = colours.setdefault(label, f"C{len(colours)}")
+            ax.plot([int(n) for n in nfes], [per[n]["fid"][label] for n in nfes], marker="o", color=colour,
                     linestyle="--" if label == "default" else "-", label=label)
         run = report[key]
         ax.set(title=f"{solver}, {run['images']} images from seed {run.get('first_seed', 0)}", xlabel="NFE", ylabel="FID")
@@ -324,32 +337,47 @@ def plot_fid(report, path):
 
 
 def plot_endpoint(report, path):
-    """Endpoint RMSE against NFE on the analytic models, default schedule (dashed) vs GITS, per solver."""
+    """Endpoint RMSE against NFE on the analytic models: one panel per model and solver, the
+    polynomial and logSNR grids dashed, each GITS setting solid."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     models = report.get("endpoint_error", {})
     if not models:
         return
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
-    for ax, (spec, rows) in zip(axes[0], models.items()):
-        for k, (solver, per) in enumerate(rows.items()):
+    fig, axes = plt.subplots(len(models), len(SOLVERS), figsize=(3.6 * len(SOLVERS), 3.2 * len(models)),
+                             squeeze=False)
+    for row_axes, (spec, run) in zip(axes, models.items()):
+        for ax, (solver, per) in zip(row_axes, run["rows"].items()):
             nfes = sorted(per, key=int)
-            for kind, style in (("base", "--"), ("gits", "-")):
-                ax.plot([int(n) for n in nfes], [per[n][kind] for n in nfes], style, marker="o", color=f"C{k}",
-                        label=f"{solver} {'default' if kind == 'base' else 'GITS'}")
-        ax.set(title=spec, xlabel="NFE", ylabel="RMSE to exact endpoint", yscale="log")
-        ax.legend(fontsize=7, ncol=2)
+            for label in per[nfes[0]]["rmse"]:
+                ax.plot([int(n) for n in nfes], [per[n]["rmse"][label] for n in nfes], marker="o", markersize=3,
+                        linestyle="--" if label in BASES else "-", label=label)
+            ax.set(title=f"{solver}, {spec}", xlabel="NFE", ylabel="RMSE to exact endpoint", yscale="log")
+            ax.title.set_fontsize(8)
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def store_fid(report, run):
+    """Put a FID run into the report: merged into the recorded run on the same images (same count and
+    first seed), else under a key of its own, so a run on other images never replaces a recorded one."""
+    same = lambda key: (report[key].get("images"), report[key].get("first_seed", 0)) == (run["images"],
+                                                                                          run.get("first_seed", 0))
+    keys = [k for k in report if k.startswith("fid") and isinstance(report[k], dict) and "rows" in report[k]]
+    key = next((k for k in keys if same(k)), None)
+    if key is None:
+        key = "fid" if "fid" not in report else f"fid_{run['images']}_from_seed_{run.get('first_seed', 0)}"
+        report[key] = run
+    else:
+        merge_fid(report[key], run)
+
+
 def merge_fid(old, new):
-    """Add a FID run to an earlier one on the same images (same seeds and count): rows and labels
-    accumulate, a configuration measured again is replaced."""
-    if not old or old.get("images") != new["images"] or old.get("first_seed", 0) != new["first_seed"]:
-        return new
+    """Add a FID run to an earlier one on the same images: rows and labels accumulate, a
+    configuration measured again is replaced."""
     for solver, per in new["rows"].items():
         kept = old["rows"].setdefault(solver, {})
         for nfe, row in per.items():
@@ -365,6 +393,8 @@ def main(argv=None):
     parser.add_argument("--models", default="gmm:digits,gmm:synthetic:16:3x32x32:0")
     parser.add_argument("--seeds", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=256)
+    parser.add_argument("--endpoint-settings", default="dev:1.15,l2:1.15,dev:1.05,l2:1.0",
+                        help="GITS metric:coeff pairs for the endpoint section (the first is the package default)")
     parser.add_argument("--fid", action="store_true")
     parser.add_argument("--fid-images", type=int, default=2000)
     parser.add_argument("--fid-solvers", default="ipndm", help="comma-separated (any of euler,ipndm,dpmpp,unipc)")
@@ -379,6 +409,9 @@ def main(argv=None):
     parser.add_argument("--cost-configs", default="1x128,1x256,2x256",
                         help="THREADSxBATCH settings for --cost; runs are added to the ones already recorded")
     parser.add_argument("--skip-endpoint", action="store_true")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="GITS_JSON",
+                        help="Fold other reports (e.g. parallel runs with their own --out) into this one: "
+                             "FID runs merge, endpoint sections replace this report's for the same model")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -391,27 +424,33 @@ def main(argv=None):
                    "diffsampler_version": diffsampler.__version__, "warmup": args.warmup, "seeds": args.seeds})
     log = lambda msg: print(msg, flush=True)
     if not args.skip_endpoint:
-        report["endpoint_error"] = {spec: endpoint_section(spec, args.seeds, args.warmup, log)
+        settings = _parse_settings(args.endpoint_settings)
+        report["endpoint_error"] = {spec: endpoint_section(spec, args.seeds, args.warmup, settings, log)
                                     for spec in args.models.split(",")}
     if args.converged:
         report["converged"] = converged_section(args.converged_seeds, args.warmup,
                                                 _parse_settings(args.converged_settings), log)
     if args.fid:
-        key = "fid" if args.fid_first_seed == 0 else f"fid_from_seed_{args.fid_first_seed}"
         measured = fid_section(args.fid_images, args.warmup, log, solvers=tuple(args.fid_solvers.split(",")),
                                nfes=_parse_nfes(args.fid_nfes), settings=_parse_settings(args.fid_settings),
                                first_seed=args.fid_first_seed)
-        report[key] = merge_fid(report.get(key), json.loads(json.dumps(measured)))
-        report.pop("fid_images", None)
+        store_fid(report, json.loads(json.dumps(measured)))
+    for other in args.merge:
+        for key, run in json.loads(Path(other).read_text()).items():
+            if key.startswith("fid") and isinstance(run, dict) and "rows" in run:
+                store_fid(report, run)
+            elif key == "endpoint_error":                      # per model: the newer run replaces
+                report.setdefault(key, {}).update(run)
     if args.cost:
         configs = tuple(tuple(int(v) for v in c.split("x")) for c in args.cost_configs.split(","))
         measured = cost_section(log, configs)
         measured["runs"] = report.get("search_cost", {}).get("runs", []) + measured["runs"]
         report["search_cost"] = measured
-    path.write_text(json.dumps(report, indent=1))
-    (out / "gits.md").write_text(markdown(json.loads(path.read_text())))
-    plot_fid(json.loads(path.read_text()), out / "gits_fid.png")
-    plot_endpoint(json.loads(path.read_text()), out / "gits_endpoint.png")
+    write_atomic(path, json.dumps(report, indent=1).encode())
+    report = json.loads(path.read_text())           # as recorded (string NFE keys) for the table and plots
+    write_atomic(out / "gits.md", markdown(report).encode())
+    plot_fid(report, out / "gits_fid.png")
+    plot_endpoint(report, out / "gits_endpoint.png")
     print(f"wrote {path} and {out / 'gits.md'}")
 
 
