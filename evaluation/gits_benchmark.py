@@ -219,7 +219,8 @@ def cost_section(log, configs=((1, 128), (1, 256), (2, 256))):
         schedule = gits.optimize_schedule(model, model.shape, nfe=5, solver="ipndm", warmup=256, batch=batch,
                                           first_seed=WARMUP_FIRST_SEED, cond=labels_cond(model))
         total = time.perf_counter() - start
-        runs.append({"threads": threads, "batch": batch, "total_s": total, **schedule.info["timings"],
+        runs.append({"date": _dt.date.today().isoformat(), "threads": threads, "batch": batch, "total_s": total,
+                     **schedule.info["timings"],
                      "metric": schedule.info["metric"], "load_before": load_before, "load_after": os.getloadavg()[0]})
         log(f"search cost: {runs[-1]}")
     torch.set_num_threads(1)
@@ -269,10 +270,10 @@ def markdown(report):
     if "search_cost" in report and "runs" in report["search_cost"]:
         c = report["search_cost"]
         lines += [f"## Search cost (bundled model, 256 warm-up seeds, NFE 5, {c['cpus']}-core CPU shared with other work)", "",
-                  "| threads | teacher batch | metric | whole search s | teacher s | cost matrix s | DP ms | load avg before/after |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| date | threads | teacher batch | metric | whole search s | teacher s | cost matrix s | DP ms | load avg before/after |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in c["runs"]:
-            lines.append(f"| {r['threads']} | {r['batch']} | {r['metric']} | {r['total_s']:.1f} | {r['teacher_s']:.1f} | "
+            lines.append(f"| {r.get('date', '2026-11')} | {r['threads']} | {r['batch']} | {r['metric']} | {r['total_s']:.1f} | {r['teacher_s']:.1f} | "
                          f"{r['cost_matrix_s']:.2f} | {1000 * r['dp_s']:.2f} | {r['load_before']:.1f} / {r['load_after']:.1f} |")
         lines += ["", f"DP alone for a 61-point teacher: {c['dp_61_points_median_ms']:.2f} ms (median of 20).", ""]
     return "\n".join(lines)
