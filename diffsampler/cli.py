@@ -107,6 +107,15 @@ def _init_distributed(device: str) -> str:
     return device
 
 
+def _load_on_device(spec: str, device: str, dtype=None, trust_pickle: bool = False):
+    """The model a spec names, on ``device``, before anything is built from it: prompt embeddings
+    are computed where the pipeline runs, and guidance wraps the moved model (the wrapper has no .to)."""
+    denoiser = load_model(spec, dtype=dtype, trust_pickle=trust_pickle)
+    if denoiser.shape is None:
+        raise ValueError(f"model {spec!r} does not declare its sample shape")
+    return denoiser.to(device) if device != "cpu" else denoiser
+
+
 def _conditioning_options(f):
     """--class, --prompt, --negative-prompt, --guidance: what :func:`_conditioning` turns into model inputs."""
     f = click.option("--guidance", type=float, default=1.0, show_default=True,
@@ -164,9 +173,8 @@ def sample_command(model, solver, nfe, amed_path, schedule, schedule_option, sig
     grid_sigmas = _parse_sigmas(sigmas) if sigmas is not None else None
     try:
         solver_obj = get_solver(solver or "ipndm", **options)
-        denoiser = load_model(model, dtype=DTYPES[dtype], trust_pickle=trust_pickle)
-        if denoiser.shape is None:
-            raise ValueError(f"model {model!r} does not declare its sample shape")
+        device = _init_distributed(device)
+        denoiser = _load_on_device(model, device, DTYPES[dtype], trust_pickle)
         denoiser, cond, decode = _conditioning(denoiser, class_label, prompt, negative_prompt, guidance)
         if decode is None and denoiser.shape[0] not in (1, 3):
             raise ValueError(f"model {model!r} makes samples with {denoiser.shape[0]} channels, which cannot be "
@@ -191,9 +199,6 @@ def sample_command(model, solver, nfe, amed_path, schedule, schedule_option, sig
                                    model_max if sigma_max is None else sigma_max, afs, denoise_to_zero)
     except (ValueError, FileNotFoundError) as err:
         raise click.UsageError(str(err)) from None
-    device = _init_distributed(device)
-    if device != "cpu":
-        denoiser = denoiser.to(device)
     nfe_used = solver_obj.num_evals(len(used_sigmas) - 1, afs, denoise_to_zero)
     settings = {"model": model, "solver": solver_obj.label if amed_path else (solver or "ipndm"),
                 "solver_options": options, "amed": str(amed_path) if amed_path else None,
@@ -306,13 +311,9 @@ def schedule_gits(model, solver, nfe, afs, coeff, metric, teacher, teacher_steps
     if max_order is not None:
         options["max_order"] = max_order
     try:
-        denoiser = load_model(model, trust_pickle=trust_pickle)
-        if denoiser.shape is None:
-            raise ValueError(f"model {model!r} does not declare its sample shape")
-        denoiser, cond, _ = _conditioning(denoiser, class_label, prompt, negative_prompt, guidance)
         device = _init_distributed(device)
-        if device != "cpu":
-            denoiser = denoiser.to(device)
+        denoiser = _load_on_device(model, device, trust_pickle=trust_pickle)
+        denoiser, cond, _ = _conditioning(denoiser, class_label, prompt, negative_prompt, guidance)
         rank = rank_and_world()[0]
         schedule = optimize_schedule(
             denoiser, denoiser.shape, nfe=nfe, solver=solver, afs=afs, coeff=coeff, metric=metric, teacher=teacher,
@@ -388,15 +389,11 @@ def amed_train(model, solver, nfe, afs, plain_first, schedule, schedule_option, 
     """Distill an AMED predictor from a teacher solver (progress bar shows the loss)."""
     from .amed import train
     try:
-        denoiser = load_model(model, trust_pickle=trust_pickle)
-        if denoiser.shape is None:
-            raise ValueError(f"model {model!r} does not declare its sample shape")
+        denoiser = _load_on_device(model, device, trust_pickle=trust_pickle)
         if type(denoiser).__name__ == "LatentDiffusion":
             raise ValueError("amed train from the CLI takes pixel-space models; train text-to-image models from "
                              "Python with diffsampler.amed.train(..., cond=...)")
         denoiser, cond, _ = _conditioning(denoiser, None, None, None, guidance)
-        if device != "cpu":
-            denoiser = denoiser.to(device)
         predictor = train(denoiser, denoiser.shape, solver=solver, nfe=nfe, afs=afs, plain_first=plain_first,
                           schedule=schedule,
                           schedule_options=_parse_options(schedule_option, "--schedule-option") or None,

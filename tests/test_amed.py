@@ -268,7 +268,7 @@ def test_cli_predictor_trained_with_guidance_needs_the_same_guidance(tmp_path):
     runner = CliRunner()
     out = tmp_path / "p.pt"
     result = runner.invoke(main, ["amed", "train", "--nfe", "4", "--iters", "1", "--batch", "2", "--guidance", "2",
-                                  "--out", str(out)])
+                                  "--device", "cpu:0", "--out", str(out)])   # moved before guidance wraps it
     assert result.exit_code == 0, result.output
     assert "features from 'mid' (128)" in result.output          # cond and uncond halves, 64 channels each
     result = runner.invoke(main, ["sample", "--amed", str(out), "--seeds", "0-1", "--outdir", str(tmp_path / "s")])

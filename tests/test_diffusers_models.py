@@ -665,6 +665,13 @@ def test_cli_samples_a_saved_stable_diffusion_pipeline(sd_pipe, unet, tmp_path):
                                       str(tmp_path / "one")])
     assert again.exit_code == 0
     assert (tmp_path / "one" / "000000" / "000001.png").read_bytes() == images[1].read_bytes()
+    # --device other than the literal "cpu": the pipeline moves before its prompt is encoded and before
+    # guidance wraps it (the wrapper has no .to), and samples the same image
+    moved = CliRunner().invoke(main, ["sample", "--model", f"diffusers:{folder}", "--prompt", "a cat", "--guidance",
+                                      "7.5", "--solver", "dpmpp", "--nfe", "4", "--seeds", "1", "--device", "cpu:0",
+                                      "--outdir", str(tmp_path / "moved")])
+    assert moved.exit_code == 0, moved.output
+    assert (tmp_path / "moved" / "000000" / "000001.png").read_bytes() == images[1].read_bytes()
     missing = CliRunner().invoke(main, ["sample", "--model", f"diffusers:{folder}", "--outdir", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "give --prompt" in missing.output
     pixel = tmp_path / "ddim"

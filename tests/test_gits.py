@@ -233,7 +233,11 @@ class LabelledGaussians(Denoiser):
 
     def __init__(self):
         self.means = torch.tensor([-2.0, 0.0, 3.0], dtype=torch.float64)
-        self.calls = []
+        self.calls, self.moved_to = [], None
+
+    def to(self, device):
+        self.moved_to = device
+        return self
 
     def denoise(self, x, sigma, class_labels=None):
         self.calls.append(class_labels.clone())
@@ -268,8 +272,9 @@ def test_cli_warm_up_with_guidance_makes_batched_cond_uncond_calls(tmp_path, mon
     monkeypatch.setattr("diffsampler.cli.load_model", lambda spec, **kw: model)
     made = CliRunner().invoke(main, ["schedule", "gits", "--model", "labelled", "--nfe", "3", "--warmup", "4",
                                      "--batch", "4", "--teacher-steps", "10", "--guidance", "2",
-                                     "--out", str(tmp_path / "s.json")])
+                                     "--device", "cpu:0", "--out", str(tmp_path / "s.json")])
     assert made.exit_code == 0, made.output
+    assert model.moved_to == "cpu:0"                                 # the model moved, then guidance wrapped it
     rows = model.calls[0]
     assert len(model.calls) == 10 and rows.shape == (8, 3)           # one 2x-batch call per guided evaluation
     assert rows.sum(1).tolist().count(0.0) == 4                      # the unconditional half

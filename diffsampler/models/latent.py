@@ -122,6 +122,12 @@ class LatentDiffusion(Denoiser):
     def model_input_scale(self, sigma) -> torch.Tensor:
         return self.inner.model_input_scale(sigma)
 
+    def to(self, *args, **kwargs) -> "LatentDiffusion":
+        """Move the whole pipeline in place (denoising network, VAE, text encoders; the inner denoiser
+        shares its network), so prompts encoded afterwards are on the same device."""
+        self.pipe.to(*args, **kwargs)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.pipe.device
