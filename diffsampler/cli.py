@@ -274,9 +274,11 @@ def schedule_group():
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model spec (as for sample).")
 @click.option("--solver", type=click.Choice(list(SOLVERS)), default="ipndm", show_default=True,
               help="The solver the schedule is tuned for.")
-@click.option("--nfe", type=click.IntRange(min=1), required=True)
+@click.option("--nfe", required=True,
+              help="Model evaluations per sample; several (e.g. 4-10 or 4,6,8) are fitted from one warm-up.")
 @click.option("--afs/--no-afs", default=False, show_default=True, help="Tune for sampling with an analytical first step.")
-@click.option("--coeff", type=float, default=1.15, show_default=True, help="DP coefficient on the remaining-path cost.")
+@click.option("--coeff", default="1.15", show_default=True,
+              help="DP coefficient on the remaining-path cost; several (e.g. 1.0,1.05,1.15) are fitted from one warm-up.")
 @click.option("--metric", type=click.Choice(["l2", "l1", "dev"]), default="dev", show_default=True,
               help="Cost of one Euler jump: dev (the paper's: distance from the start-end chord vs the teacher's; "
                    "blind to error along the chord, so use l2 for models with nearly straight trajectories), l2, l1.")
@@ -295,7 +297,9 @@ def schedule_group():
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--trust-pickle", is_flag=True, default=False,
               help="Allow pickled models (edm:PATH.pkl): unpickling runs code from the file, so only for files you trust.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Schedule file to write (JSON).")
+@click.option("--out", required=True,
+              help="Schedule file to write (JSON); with several NFEs or coefficients a name with {nfe} and/or "
+                   "{coeff}, e.g. ipndm_{nfe}_{coeff}.json.")
 def schedule_gits(model, solver, nfe, afs, coeff, metric, teacher, teacher_steps, base_schedule, warmup, batch,
                   max_order, solver_option, first_seed, class_label, prompt, negative_prompt, guidance, device,
                   trust_pickle, out):
@@ -306,31 +310,58 @@ def schedule_gits(model, solver, nfe, afs, coeff, metric, teacher, teacher_steps
     with `torchrun --nproc_per_node N -m diffsampler schedule gits ...`: the warm-up seeds are split
     across processes and their costs summed; rank 0 writes the file.
     """
-    from .gits import optimize_schedule
+    from . import gits
     options = _parse_options(solver_option, "--option")
     if max_order is not None:
         options["max_order"] = max_order
+    nfes, coeffs = _parse_sweep(nfe, coeff, out)
     try:
+        for n in nfes:                                  # refuse an NFE the solver cannot use before the warm-up
+            gits.student_steps(n, solver, afs, teacher_steps + 1, options)
         device = _init_distributed(device)
         denoiser = _load_on_device(model, device, trust_pickle=trust_pickle)
         denoiser, cond, _ = _conditioning(denoiser, class_label, prompt, negative_prompt, guidance)
         rank = rank_and_world()[0]
-        schedule = optimize_schedule(
-            denoiser, denoiser.shape, nfe=nfe, solver=solver, afs=afs, coeff=coeff, metric=metric, teacher=teacher,
-            teacher_steps=teacher_steps, base_schedule=base_schedule, warmup=warmup, first_seed=first_seed,
-            batch=batch, cond=cond, device=device, model_name=model, progress=rank == 0,
-            solver_options=options or None)
+        warm = gits.warm_up(denoiser, denoiser.shape, teacher=teacher, teacher_steps=teacher_steps,
+                            base_schedule=base_schedule, warmup=warmup, first_seed=first_seed, batch=batch,
+                            metric=metric, cond=cond, device=device, model_name=model, progress=rank == 0,
+                            keep_endpoints=afs)
+        made = [(n, c, warm.schedule(n, solver, afs=afs, coeff=c, solver_options=options or None))
+                for n in nfes for c in coeffs]          # every rank: the AFS search sums over ranks
     except (ValueError, FileNotFoundError) as err:
         raise click.UsageError(str(err)) from None
     if rank != 0:
         return
-    schedule.info["conditioning"] = {"class": class_label, "prompt": prompt, "negative_prompt": negative_prompt,
-                                     "guidance": guidance}
-    schedule.save(out)
-    t = schedule.info["timings"]
-    click.echo(f"wrote {out}: {solver} at NFE {nfe}{' with AFS' if afs else ''}, {len(schedule.sigmas)} sigmas "
-               f"(teacher {t['teacher_s']:.1f} s, cost matrix {t['cost_matrix_s']:.1f} s, DP {1000 * t['dp_s']:.1f} ms)")
-    click.echo(str(schedule))
+    for n, c, schedule in made:
+        schedule.info["conditioning"] = {"class": class_label, "prompt": prompt, "negative_prompt": negative_prompt,
+                                         "guidance": guidance}
+        path = Path(out.format(nfe=n, coeff=f"{c:g}"))
+        schedule.save(path)
+        click.echo(f"wrote {path}: {solver} at NFE {n}{' with AFS' if afs else ''}, coeff {c:g}, "
+                   f"{len(schedule.sigmas)} sigmas")
+        click.echo(str(schedule))
+    t = warm.timings
+    click.echo(f"teacher {t['teacher_s']:.1f} s, cost matrix {t['cost_matrix_s']:.1f} s, "
+               f"DP {1000 * max(s.info['timings']['dp_s'] for _, _, s in made):.1f} ms per schedule at most")
+
+
+def _parse_sweep(nfe_text, coeff_text, out):
+    """The NFEs and coefficients of `schedule gits`, and a check that --out can name each file."""
+    from .seeds import parse_ranges
+    try:
+        nfes = parse_ranges(nfe_text, "NFEs", "NFE", "5, 4-10 or 4,6,8")
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--nfe") from None
+    try:
+        coeffs = list(dict.fromkeys(float(c) for c in coeff_text.split(",")))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {coeff_text!r}", param_hint="--coeff") from None
+    missing = [f"{{{name}}}" for name, values in (("nfe", nfes), ("coeff", coeffs))
+               if len(values) > 1 and f"{{{name}}}" not in out]
+    if missing:
+        raise click.BadParameter(f"several schedules need {' and '.join(missing)} in the file name, "
+                                 f"e.g. --out gits_{{nfe}}_{{coeff}}.json", param_hint="--out")
+    return nfes, coeffs
 
 
 @schedule_group.command("show")

@@ -178,6 +178,17 @@ def _check_steps(num_steps: int, n: int) -> None:
                          f"num_steps must lie in [1, {n - 1}] (use more teacher steps)")
 
 
+def student_steps(nfe: int, solver="ipndm", afs: bool = False, grid_points: int = 61,
+                  solver_options: Optional[dict] = None):
+    """(student solver, steps the DP chooses) for ``nfe``: the student's steps at that NFE, one fewer
+    with AFS (its free first point is searched after the DP).  Refuses, with the values that work,
+    an NFE the solver cannot use and a teacher grid with too few points."""
+    student = get_solver(solver, **(solver_options or {}))
+    steps = student.steps_for_nfe(nfe, afs) - int(afs)
+    _check_steps(steps, grid_points)
+    return student, steps
+
+
 def dp_schedule(cost, num_steps: int, coeff: float = 1.15) -> List[int]:
     """Indices (0 = first point, last = T) of the K-step path minimizing the discounted cost."""
     cost = np.asarray(torch.as_tensor(cost, dtype=torch.float64).cpu())
@@ -233,9 +244,7 @@ class WarmUp:
 
     def schedule(self, nfe: int, solver="ipndm", afs: bool = False, coeff: float = 1.15,
                  solver_options: Optional[dict] = None) -> schedules_module.Schedule:
-        student = get_solver(solver, **(solver_options or {}))
-        dp_steps = student.steps_for_nfe(nfe, afs) - int(afs)
-        _check_steps(dp_steps, len(self.grid))
+        student, dp_steps = student_steps(nfe, solver, afs, len(self.grid), solver_options)
         timings = dict(self.timings)
         t0 = time.perf_counter()
         path = dp_schedule(self.cost, dp_steps, coeff)
@@ -312,9 +321,7 @@ def optimize_schedule(denoiser, shape: Sequence[int], nfe: int = 5, solver="ipnd
     ``warm_up_options`` are those of :func:`warm_up` (teacher, teacher_steps, base_schedule,
     warmup, metric, cond, ...).  To tune several solvers or NFEs on one model, call
     :func:`warm_up` once and :meth:`WarmUp.schedule` for each."""
-    student = get_solver(solver, **(solver_options or {}))
-    dp_steps = student.steps_for_nfe(nfe, afs) - int(afs)
-    _check_steps(dp_steps, warm_up_options.get("teacher_steps", 60) + 1)
+    student_steps(nfe, solver, afs, warm_up_options.get("teacher_steps", 60) + 1, solver_options)  # before the warm-up
     warm = warm_up(denoiser, shape, keep_endpoints=afs, **warm_up_options)
     return warm.schedule(nfe, solver, afs=afs, coeff=coeff, solver_options=solver_options)
 

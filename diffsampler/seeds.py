@@ -12,21 +12,27 @@ from typing import List, Sequence, Tuple
 import torch
 
 
-def parse_seeds(text: str) -> List[int]:
-    """``"0-3,10"`` -> [0, 1, 2, 3, 10] (ranges inclusive; duplicates rejected)."""
-    seeds: List[int] = []
+def parse_ranges(text: str, what: str = "seeds", one: str = "seed", example: str = "0-63 or 1,5,10-20") -> List[int]:
+    """``"0-3,10"`` -> [0, 1, 2, 3, 10] (ranges inclusive; duplicates rejected); ``what`` / ``one``
+    name the values in the errors."""
+    values: List[int] = []
     for part in str(text).split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not match:
-            raise ValueError(f"cannot read seeds {text!r}: use non-negative integers and ranges, e.g. 0-63 or 1,5,10-20")
+            raise ValueError(f"cannot read {what} {text!r}: use non-negative integers and ranges, e.g. {example}")
         lo = int(match[1])
         hi = int(match[2]) if match[2] is not None else lo
         if hi < lo:
-            raise ValueError(f"seed range {part.strip()!r} is empty: write low-high with low <= high")
-        seeds.extend(range(lo, hi + 1))
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds {text!r} list a seed more than once")
-    return seeds
+            raise ValueError(f"{one} range {part.strip()!r} is empty: write low-high with low <= high")
+        values.extend(range(lo, hi + 1))
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} {text!r} list a {one} more than once")
+    return values
+
+
+def parse_seeds(text: str) -> List[int]:
+    """``"0-3,10"`` -> [0, 1, 2, 3, 10]: the seed lists of the CLI."""
+    return parse_ranges(text, "seeds")
 
 
 def seed_noise(seeds: Sequence[int], shape: Tuple[int, ...], dtype=torch.float32, device="cpu") -> torch.Tensor:

@@ -279,3 +279,28 @@ def test_cli_warm_up_with_guidance_makes_batched_cond_uncond_calls(tmp_path, mon
     assert len(model.calls) == 10 and rows.shape == (8, 3)           # one 2x-batch call per guided evaluation
     assert rows.sum(1).tolist().count(0.0) == 4                      # the unconditional half
     assert Schedule.load(tmp_path / "s.json").info["conditioning"]["guidance"] == 2.0
+
+
+def test_cli_sweeps_nfes_and_coefficients_from_one_warm_up(tmp_path, monkeypatch):
+    spec = "gmm:synthetic:4:1x4x4:0"
+    model = load_model(spec)
+    calls = []
+    counted = type("Counted", (Denoiser,), {"shape": model.shape, "denoise": lambda self, x, s: calls.append(1) or model(x, s)})()
+    monkeypatch.setattr("diffsampler.cli.load_model", lambda name, **kw: counted)
+    runner = CliRunner()
+    args = ["schedule", "gits", "--model", spec, "--warmup", "8", "--teacher-steps", "20"]
+    made = runner.invoke(main, args + ["--nfe", "3-4", "--coeff", "1.0,1.15", "--out", str(tmp_path / "g_{nfe}_{coeff}.json")])
+    assert made.exit_code == 0, made.output
+    assert len(calls) == 20                 # one warm-up (8 seeds in one batch, 20 teacher steps) for 4 schedules
+    warm = gits.warm_up(model, model.shape, warmup=8, teacher_steps=20)
+    for nfe in (3, 4):
+        for coeff in (1.0, 1.15):
+            written = Schedule.load(tmp_path / f"g_{nfe}_{coeff:g}.json")
+            expected = warm.schedule(nfe, "ipndm", coeff=coeff)
+            assert written.info["indices"] == expected.info["indices"] and torch.equal(written.sigmas, expected.sigmas)
+            assert (written.info["nfe"], written.info["coeff"]) == (nfe, coeff)
+    unnamed = runner.invoke(main, args + ["--nfe", "3-4", "--out", str(tmp_path / "one.json")])
+    assert unnamed.exit_code == 2 and "need {nfe} in the file name" in unnamed.output
+    odd = runner.invoke(main, args + ["--solver", "heun", "--nfe", "4,5", "--out", str(tmp_path / "h_{nfe}.json")])
+    assert odd.exit_code == 2 and "cannot use nfe=5" in odd.output
+    assert not (tmp_path / "one.json").exists() and not list(tmp_path.glob("h_*"))      # nothing half-made
