@@ -16,7 +16,8 @@ trajectories transfers to all samples:
    nearly straight (measured on a synthetic isotropic mixture; flow-matching models aim for it)
    every long jump then looks free and the DP ends on one jump from sigma ~6 to sigma_min; use
    ``l2`` there (evaluation/results/gits.md has both).
-   (:func:`warm_up` does steps 1-2 once per model; every solver and NFE reuses it.)
+   (:func:`warm_up` does steps 1-2 once per model; every solver and NFE reuses it; :func:`warm_ups`
+   builds the matrices of several metrics from one teacher run.)
 3. Dynamic programming: K steps from point 0 to the last point minimizing
    ``C[p0, p1] + coeff * C[p1, p2] + coeff^2 * C[p2, p3] + ...`` (the paper's coefficient on the
    remaining-path cost), solved with back-pointers.
@@ -108,6 +109,11 @@ def _dev_jump_costs(x: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> torch.
     return jumped - teacher_dev.t()[None]                     # (T, B, T+1)
 
 
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+
+
 def cost_matrix(states: torch.Tensor, directions: torch.Tensor, sigmas, metric: str = "l2",
                 reduction: str = "mean", max_elements: int = 2 ** 25) -> torch.Tensor:
     """The (T+1, T+1) float64 cost matrix of one-step Euler jumps between teacher points.
@@ -120,8 +126,7 @@ def cost_matrix(states: torch.Tensor, directions: torch.Tensor, sigmas, metric: 
     chunked so at most ``max_elements`` values exist at once.  ``reduction="sum"`` lets callers
     accumulate over batches and processes.
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    _check_metric(metric)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     n, batch = states.shape[0], states.shape[1]
@@ -261,20 +266,24 @@ class WarmUp:
         return schedules_module.Schedule(self.grid[path], info)
 
 
-def warm_up(denoiser, shape: Sequence[int], *, teacher="ipndm", teacher_steps: int = 60,
-            base_schedule="polynomial", base_options: Optional[dict] = None, sigma_min: Optional[float] = None,
-            sigma_max: Optional[float] = None, warmup: int = 256, first_seed: int = 0, batch: int = 64,
-            metric: str = "dev", cond: Optional[Callable[[List[int]], dict]] = None, dtype=torch.float32,
-            device="cpu", model_name: Optional[str] = None, progress: bool = False,
-            teacher_options: Optional[dict] = None, keep_endpoints: bool = False) -> WarmUp:
-    """Teacher trajectories for ``warmup`` seeds and their mean cost matrix (steps 1-2 of GITS).
+def warm_ups(denoiser, shape: Sequence[int], *, metrics: Sequence[str] = ("dev",), teacher="ipndm",
+             teacher_steps: int = 60, base_schedule="polynomial", base_options: Optional[dict] = None,
+             sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, warmup: int = 256,
+             first_seed: int = 0, batch: int = 64, cond: Optional[Callable[[List[int]], dict]] = None,
+             dtype=torch.float32, device="cpu", model_name: Optional[str] = None, progress: bool = False,
+             teacher_options: Optional[dict] = None, keep_endpoints: bool = False) -> Dict[str, WarmUp]:
+    """Teacher trajectories for ``warmup`` seeds and their mean cost matrix (steps 1-2 of GITS), one
+    :class:`WarmUp` per metric from a single teacher run.
 
-    ``metric`` defaults to ``dev``, the one the paper's code recommends (on the bundled Fashion-MNIST
-    model it gives better low-NFE iPNDM schedules than ``l2``; see evaluation/results/gits.md).
-    ``cond`` maps a list of warm-up seeds to the conditioning of that batch (e.g. random labels).
-    The warm-up seeds are ``first_seed .. first_seed + warmup - 1``; under torchrun they are split
-    across ranks and the cost matrix is summed over all of them.
+    ``dev``, the default of :func:`warm_up`, is the one the paper's code recommends (on the bundled
+    Fashion-MNIST model it gives better low-NFE iPNDM schedules than ``l2``; see
+    evaluation/results/gits.md).  ``cond`` maps a list of warm-up seeds to the conditioning of that
+    batch (e.g. random labels).  The warm-up seeds are ``first_seed .. first_seed + warmup - 1``;
+    under torchrun they are split across ranks and the cost matrices are summed over all of them.
     """
+    metrics = list(dict.fromkeys(metrics))
+    for metric in metrics:
+        _check_metric(metric)                           # before the teacher runs
     default_min, default_max = sigma_range(denoiser)
     sigma_min = default_min if sigma_min is None else sigma_min
     sigma_max = default_max if sigma_max is None else sigma_max
@@ -284,7 +293,7 @@ def warm_up(denoiser, shape: Sequence[int], *, teacher="ipndm", teacher_steps: i
     shape = tuple(shape)
     seeds = _split_for_rank(list(range(first_seed, first_seed + warmup)))
     timings = {"teacher_s": 0.0, "cost_matrix_s": 0.0, "dp_s": 0.0, "afs_s": 0.0}
-    cost_sum = torch.zeros(len(grid), len(grid), dtype=torch.float64)
+    cost_sums = {metric: torch.zeros(len(grid), len(grid), dtype=torch.float64) for metric in metrics}
     batches = [seeds[k:k + batch] for k in range(0, len(seeds), batch)]
     kept = []
     iterator = batches
@@ -297,20 +306,29 @@ def warm_up(denoiser, shape: Sequence[int], *, teacher="ipndm", teacher_steps: i
         t0 = time.perf_counter()
         traj = teacher_trajectories(denoiser, noise, grid, solver=teacher, cond=batch_cond, **(teacher_options or {}))
         t1 = time.perf_counter()
-        cost_sum += cost_matrix(traj.states, traj.directions, grid, metric=metric, reduction="sum").cpu()
+        for metric in metrics:
+            cost_sums[metric] += cost_matrix(traj.states, traj.directions, grid, metric=metric, reduction="sum").cpu()
         timings["teacher_s"] += t1 - t0
         timings["cost_matrix_s"] += time.perf_counter() - t1
         if keep_endpoints:
             kept.append((noise, batch_cond, traj.states[-1]))
     count = _all_reduce(torch.tensor([float(len(seeds))], dtype=torch.float64))
-    cost = _all_reduce(cost_sum) / count
-    cost.masked_fill_(torch.ones_like(cost, dtype=torch.bool).tril(), float("inf"))
     settings = {"model": model_name, "shape": list(shape), "sigma_min": float(grid[-1]), "sigma_max": float(grid[0]),
-                "metric": metric, "teacher": teacher, "teacher_steps": len(grid) - 1,
+                "teacher": teacher, "teacher_steps": len(grid) - 1,
                 "base_schedule": base_schedule if isinstance(base_schedule, str) else "custom",
                 "base_options": dict(base_options or {}), "warmup": int(count.item()), "first_seed": first_seed,
                 "processes": rank_and_world()[1]}
-    return WarmUp(grid, cost, settings, timings, kept, denoiser)
+    out = {}
+    for metric in metrics:
+        cost = _all_reduce(cost_sums[metric]) / count
+        cost.masked_fill_(torch.ones_like(cost, dtype=torch.bool).tril(), float("inf"))
+        out[metric] = WarmUp(grid, cost, {**settings, "metric": metric}, dict(timings), kept, denoiser)
+    return out
+
+
+def warm_up(denoiser, shape: Sequence[int], *, metric: str = "dev", **options) -> WarmUp:
+    """:func:`warm_ups` for one metric (default ``dev``); ``options`` are those of :func:`warm_ups`."""
+    return warm_ups(denoiser, shape, metrics=(metric,), **options)[metric]
 
 
 def optimize_schedule(denoiser, shape: Sequence[int], nfe: int = 5, solver="ipndm", *, coeff: float = 1.15,
@@ -318,8 +336,8 @@ def optimize_schedule(denoiser, shape: Sequence[int], nfe: int = 5, solver="ipnd
                       ) -> schedules_module.Schedule:
     """Fit a GITS schedule for ``solver`` at ``nfe`` on ``denoiser``; returns a Schedule.
 
-    ``warm_up_options`` are those of :func:`warm_up` (teacher, teacher_steps, base_schedule,
-    warmup, metric, cond, ...).  To tune several solvers or NFEs on one model, call
+    ``warm_up_options`` are those of :func:`warm_up` (metric, teacher, teacher_steps,
+    base_schedule, warmup, cond, ...).  To tune several solvers or NFEs on one model, call
     :func:`warm_up` once and :meth:`WarmUp.schedule` for each."""
     student_steps(nfe, solver, afs, warm_up_options.get("teacher_steps", 60) + 1, solver_options)  # before the warm-up
     warm = warm_up(denoiser, shape, keep_endpoints=afs, **warm_up_options)

@@ -52,7 +52,7 @@ from diffsampler.fileio import write_atomic
 from diffsampler.models.base import sigma_range
 from diffsampler.models.specs import load_model
 from diffsampler.schedules import polynomial
-from diffsampler.seeds import seed_noise
+from diffsampler.seeds import parse_ranges, seed_noise
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -73,9 +73,8 @@ def endpoint_section(spec, seeds, warmup, settings, log):
     model = load_model(spec)
     ref, _ = reference(model, spec, seeds, 1e-9, 64, HERE / ".cache")
     noise = seed_noise(range(seeds), model.shape, dtype=torch.float64)
-    warmed = {metric: gits.warm_up(model, model.shape, warmup=warmup, first_seed=WARMUP_FIRST_SEED,
-                                   dtype=torch.float64, metric=metric)
-              for metric in sorted({m for m, _ in settings})}
+    warmed = gits.warm_ups(model, model.shape, metrics=sorted({m for m, _ in settings}), warmup=warmup,
+                           first_seed=WARMUP_FIRST_SEED, dtype=torch.float64)     # one teacher run for all
     rmse = lambda **kw: float(rmse_per_seed(sample(model, noise, **kw).samples, ref).mean())
     rows = {}
     for solver in SOLVERS:
@@ -100,36 +99,20 @@ def _parse_settings(text):
     return out
 
 
-def _parse_nfes(text):
-    """'4-10' or '5,6,9' (or a mix: '4-6,9') -> a tuple of NFEs."""
-    nfes = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        nfes += range(int(lo), int(hi or lo) + 1)
-    return tuple(nfes)
-
-
 def bundled_warm_ups(model, cond, warmup, metrics, log, batch=128):
-    """One teacher run on the warm-up seeds, one cost matrix per metric (cached under .cache).
-
-    The same steps as ``gits.warm_up`` (teacher iPNDM on 61 points of polynomial rho=7, summed
-    per-batch cost matrices), shared by the metrics; returns {metric: gits.WarmUp}."""
+    """``gits.warm_ups`` on the warm-up seeds with their labels (teacher iPNDM on 61 points of
+    polynomial rho=7), its cost matrices cached under .cache; returns {metric: gits.WarmUp}."""
     path = CACHE / f"gits_costs_fashion-mnist_warmup{warmup}_from{WARMUP_FIRST_SEED}.pt"
     saved = torch.load(path) if path.exists() else {"costs": {}}
     missing = [m for m in metrics if m not in saved["costs"]]
     lo, hi = sigma_range(model)
     grid = polynomial(60, lo, hi)
     if missing:
-        sums = {m: torch.zeros(len(grid), len(grid), dtype=torch.float64) for m in missing}
-        seeds = list(range(WARMUP_FIRST_SEED, WARMUP_FIRST_SEED + warmup))
-        for k in range(0, warmup, batch):
-            chunk = seeds[k:k + batch]
-            traj = gits.teacher_trajectories(model, seed_noise(chunk, model.shape), grid, cond=cond(chunk))
-            for m in missing:
-                sums[m] += gits.cost_matrix(traj.states, traj.directions, grid, m, reduction="sum")
+        warmed = gits.warm_ups(model, model.shape, metrics=missing, warmup=warmup, first_seed=WARMUP_FIRST_SEED,
+                               batch=batch, cond=cond)
         for m in missing:
-            cost = sums[m] / warmup
-            saved["costs"][m] = cost.masked_fill(torch.ones_like(cost, dtype=torch.bool).tril(), float("inf"))
+            assert torch.equal(warmed[m].grid, grid)
+            saved["costs"][m] = warmed[m].cost
         CACHE.mkdir(exist_ok=True)
         torch.save(saved, path)
         log(f"teacher + cost matrices ({', '.join(missing)}) cached in {path}")
@@ -435,7 +418,7 @@ def main(argv=None):
                                                 _parse_settings(args.converged_settings), log)
     if args.fid:
         measured = fid_section(args.fid_images, args.warmup, log, solvers=tuple(args.fid_solvers.split(",")),
-                               nfes=_parse_nfes(args.fid_nfes), settings=_parse_settings(args.fid_settings),
+                               nfes=tuple(parse_ranges(args.fid_nfes, "NFEs", "NFE", "4-10 or 4-6,9")), settings=_parse_settings(args.fid_settings),
                                first_seed=args.fid_first_seed)
         store_fid(report, json.loads(json.dumps(measured)))
     for other in args.merge:
