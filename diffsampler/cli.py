@@ -326,6 +326,8 @@ def schedule_gits(model, solver, nfe, afs, coeff, metric, teacher, teacher_steps
                             base_schedule=base_schedule, warmup=warmup, first_seed=first_seed, batch=batch,
                             metric=metric, cond=cond, device=device, model_name=model, progress=rank == 0,
                             keep_endpoints=afs)
+        warm.settings["conditioning"] = {"class": class_label, "prompt": prompt, "negative_prompt": negative_prompt,
+                                         "guidance": guidance}        # recorded in every schedule file
         made = [(n, c, warm.schedule(n, solver, afs=afs, coeff=c, solver_options=options or None))
                 for n in nfes for c in coeffs]          # every rank: the AFS search sums over ranks
     except (ValueError, FileNotFoundError) as err:
@@ -333,8 +335,6 @@ def schedule_gits(model, solver, nfe, afs, coeff, metric, teacher, teacher_steps
     if rank != 0:
         return
     for n, c, schedule in made:
-        schedule.info["conditioning"] = {"class": class_label, "prompt": prompt, "negative_prompt": negative_prompt,
-                                         "guidance": guidance}
         path = Path(out.format(nfe=n, coeff=f"{c:g}"))
         schedule.save(path)
         click.echo(f"wrote {path}: {solver} at NFE {n}{' with AFS' if afs else ''}, coeff {c:g}, "
