@@ -118,6 +118,8 @@ SCHEDULES: Dict[str, Callable[..., torch.Tensor]] = {
     "time_quadratic": time_quadratic,
     "discrete": discrete,
 }
+# Names users know from k-diffusion / ComfyUI: alias -> schedule name.
+SCHEDULE_ALIASES: Dict[str, str] = {"karras": "polynomial", "exponential": "logsnr"}
 
 
 def check_sigmas(sigmas) -> torch.Tensor:
@@ -206,13 +208,14 @@ def resolve(schedule: ScheduleLike, options: Optional[dict] = None):
     if callable(schedule):
         return None, _bind(schedule, options)
     if isinstance(schedule, (str, os.PathLike)):
-        name = str(schedule)
+        name = SCHEDULE_ALIASES.get(str(schedule), str(schedule))
         if name in SCHEDULES:
             return None, _bind(SCHEDULES[name], options)
         if name.endswith(".json") or os.path.exists(name):
             _no_options(options, "a schedule file")
             return Schedule.load(name), None
-        raise ValueError(f"unknown schedule {name!r}: use one of {', '.join(SCHEDULES)} or a schedule file (.json)")
+        raise ValueError(f"unknown schedule {name!r}: use one of {', '.join([*SCHEDULES, *SCHEDULE_ALIASES])} "
+                         "or a schedule file (.json)")
     raise TypeError(f"schedule must be a name, a Schedule, a schedule file path or a function, got {type(schedule)}")
 
 

@@ -5,11 +5,13 @@ registry, so adding a solver is one file plus the decorator.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Type
+from typing import Any, Dict, List, Tuple, Type
 
 from .base import Solver
 
 SOLVERS: Dict[str, Type[Solver]] = {}
+# Names users know from k-diffusion, ComfyUI and diffusers: alias -> (solver, options it fixes, what it is).
+ALIASES: Dict[str, Tuple[str, Dict[str, Any], str]] = {}
 
 
 def register(name: str):
@@ -23,8 +25,21 @@ def register(name: str):
     return decorate
 
 
+def register_alias(alias: str, solver: str, description: str, **options) -> None:
+    """Make ``alias`` name ``solver`` with ``options`` fixed (e.g. ``dpmpp_2m``: DPM-Solver++
+    second order throughout)."""
+    if alias in SOLVERS or alias in ALIASES:
+        raise ValueError(f"solver name {alias!r} is already taken")
+    ALIASES[alias] = (solver, dict(options), description)
+
+
 def list_solvers() -> List[str]:
     return list(SOLVERS)
+
+
+def solver_names() -> List[str]:
+    """Every name ``get_solver`` accepts: the registered solvers, then the aliases."""
+    return list(SOLVERS) + list(ALIASES)
 
 
 def get_solver(name, **options) -> Solver:
@@ -33,8 +48,15 @@ def get_solver(name, **options) -> Solver:
         if options:
             raise ValueError("solver options cannot be given together with a solver instance")
         return name
+    if name in ALIASES:
+        target, fixed, _ = ALIASES[name]
+        clash = sorted(k for k in options if k in fixed and options[k] != fixed[k])
+        if clash:
+            raise ValueError(f"solver {name!r} is {target} with {', '.join(f'{k}={fixed[k]!r}' for k in clash)}; "
+                             f"use solver {target!r} for other values")
+        return get_solver(target, **{**fixed, **options})
     if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}: valid solvers are {', '.join(SOLVERS)}")
+        raise ValueError(f"unknown solver {name!r}: valid solvers are {', '.join(solver_names())}")
     cls = SOLVERS[name]
     unknown = sorted(set(options) - set(cls.options()))
     if unknown:
