@@ -39,7 +39,7 @@ import torch
 
 from . import __version__
 from . import schedules as schedules_module
-from .generate import rank_and_world
+from .distributed import rank_and_world
 from .models.base import sigma_range
 from .sampling import sample
 from .seeds import seed_noise

@@ -6,7 +6,7 @@
 
 Design: the pipeline is only a box of parts.  :func:`denoiser_for_pipeline` turns it into a
 denoiser (:class:`~diffsampler.models.latent.LatentDiffusion` for text-to-image latent pipelines
-such as Stable Diffusion 1/2 and SD3, :class:`~diffsampler.models.diffusers_pixel.DiffusersDenoiser`
+such as Stable Diffusion 1/2, SDXL, SD3 and Flux, :class:`~diffsampler.models.diffusers_pixel.DiffusersDenoiser`
 for pixel-space UNet pipelines such as DDPMPipeline / DDIMPipeline, unconditional or
 class-conditional); conditioning comes from the pipeline's own prompt encoder; guidance is the
 :class:`~diffsampler.models.guidance.ClassifierFreeGuidance` wrapper; the ODE is solved by
@@ -17,12 +17,17 @@ What :func:`run` does, in order:
 
 1. **Conditioning.**  ``prompt`` (str or list) for text models, encoded by the pipeline;
    ``negative_prompt`` is the unconditional prompt for guidance (default ``""``, as diffusers);
-   ``prompt_options`` go to the pipeline's ``encode_prompt`` (``clip_skip``, ``max_sequence_length``).
+   ``prompt_options`` go to the pipeline's ``encode_prompt`` (``clip_skip``, ``max_sequence_length``;
+   SDXL's size conditioning ``original_size``, ``crops_coords_top_left``, ``target_size``, which
+   default to the image size as in the pipeline).  Guidance-distilled Flux models take their
+   embedded guidance as ``distilled_guidance`` (FluxPipeline's ``guidance_scale``, default 3.5).
    ``class_labels`` (ints) for class-conditional UNets, one-hot encoded (an all-zero row is the
    unconditional input).  Each prompt / label gives ``num_images_per_prompt`` samples.
    A prompt for a model without text conditioning, labels for an unconditional model, or a label
    out of range raise ``ValueError``.
-2. **Guidance.**  ``guidance`` is the CFG scale ``w``; default 7.5 for text prompts, 1 (none)
+2. **Guidance.**  ``guidance`` is the CFG scale ``w``; default 7.5 for text prompts (1 for Flux,
+   which is distilled: ``guidance != 1`` there is FluxPipeline's ``true_cfg_scale`` with the negative
+   prompt), 1 (none)
    otherwise.  ``w = 1`` runs the conditional model alone.
 3. **Grid.**  ``nfe`` (default 5) + ``schedule`` (default: the solver's own, on the model's sigma
    range) or an explicit VE ``sigmas`` grid, exactly as in :func:`diffsampler.sample`.
@@ -50,14 +55,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from . import schedules
-from .models.base import Denoiser, sigma_range
+from .models.base import Denoiser
 from .models.diffusers_pixel import DiffusersDenoiser
+from .models.flux import unpack
 from .models.guidance import ClassifierFreeGuidance, one_hot
 from .models.latent import LatentDiffusion, _has
-from .sampling import resolve_grid, sample
+from .plan import make_plan
+from .sampling import sample
 from .seeds import seed_noise
-from .solvers import get_solver
 
 DEFAULT_NFE = 5
 DEFAULT_TEXT_GUIDANCE = 7.5
@@ -111,9 +116,10 @@ def run(pipe, prompt: Union[None, str, Sequence[str]] = None, solver="ipndm", nf
         num_images_per_prompt: int = 1, seed: Union[None, int, Sequence[int]] = None,
         generator: Optional[torch.Generator] = None, latents: Optional[torch.Tensor] = None,
         height: Optional[int] = None, width: Optional[int] = None, class_labels: Optional[Sequence[int]] = None,
-        sigmas: Optional[Sequence[float]] = None, schedule_options: Optional[dict] = None, afs: bool = False,
+        sigmas: Optional[Sequence[float]] = None, schedule_options: Optional[dict] = None, afs: Optional[bool] = None,
         denoise_to_zero: bool = False, output_type: str = "pil", callback: Optional[Callable] = None,
-        progress: bool = False, prompt_options: Optional[dict] = None, **solver_options) -> RunOutput:
+        progress: bool = False, prompt_options: Optional[dict] = None, distilled_guidance: Optional[float] = None,
+        **solver_options) -> RunOutput:
     """Sample a diffusers pipeline with a diffsampler solver (see the module docstring).
 
     ``nfe`` defaults to 5 unless the grid is fixed (``sigmas=`` or a schedule file / Schedule)."""
@@ -136,12 +142,18 @@ def run(pipe, prompt: Union[None, str, Sequence[str]] = None, solver="ipndm", nf
             raise ValueError(f"{type(pipe).__name__} is text-conditioned: give a prompt (\"\" for the empty prompt)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts) * n_per
-        scale = DEFAULT_TEXT_GUIDANCE if guidance is None else float(guidance)
+        default = 1.0 if model.is_flux else DEFAULT_TEXT_GUIDANCE
+        scale = default if guidance is None else float(guidance)
         cond, uncond = model.encode_prompt(prompt, negative_prompt, n_per, need_uncond=scale != 1.0,
-                                           **(prompt_options or {}))
+                                           distilled_guidance=distilled_guidance, **(prompt_options or {}))
+        if model.is_flux and latents is not None and latents.ndim == 3:
+            latents = unpack(latents, *model.shape[1:])         # FluxPipeline's packed latents=
     else:
         if prompt is not None or negative_prompt is not None:
             raise ValueError(f"{type(pipe).__name__} has no text encoder: this model takes no prompt")
+        if distilled_guidance is not None:
+            raise ValueError("distilled_guidance is the guidance input of guidance-distilled Flux models; this model "
+                             "has none")
         scale = 1.0 if guidance is None else float(guidance)
         if class_labels is not None:
             if num_classes == 0:
@@ -162,11 +174,9 @@ def run(pipe, prompt: Union[None, str, Sequence[str]] = None, solver="ipndm", nf
     den: Denoiser = model if scale == 1.0 else ClassifierFreeGuidance(model, scale, uncond=uncond)
 
     # 2. grid
-    solver_obj = get_solver(solver, **solver_options)
-    lo, hi = sigma_range(model)
-    if nfe is None and sigmas is None and (schedule is None or schedules.resolve(schedule, schedule_options)[0] is None):
-        nfe = DEFAULT_NFE
-    grid = resolve_grid(solver_obj, nfe, schedule, schedule_options, sigmas, lo, hi, afs, denoise_to_zero)
+    plan = make_plan(solver, nfe, schedule, sigmas=sigmas, schedule_options=schedule_options, afs=afs,
+                     denoise_to_zero=denoise_to_zero, model=model, default_nfe=DEFAULT_NFE, **solver_options)
+    grid = plan.sigma_tensor()
 
     # 3. starting point, in the pipeline's convention (standard normal in the model's space)
     device, dtype = model.device, model.dtype
@@ -180,8 +190,7 @@ def run(pipe, prompt: Union[None, str, Sequence[str]] = None, solver="ipndm", nf
 
     # 4. solve
     with torch.no_grad():
-        result = sample(den, noise, solver_obj, sigmas=grid, cond=cond, afs=afs, denoise_to_zero=denoise_to_zero,
-                        callback=callback, progress=progress)
+        result = sample(den, noise, plan=plan, cond=cond, callback=callback, progress=progress)
         final = result.samples
         nsfw = None
         if output_type == "latent":

@@ -1,13 +1,17 @@
-"""The one sampling loop: ``sample(denoiser, noise, solver=..., nfe=...)``.
+"""The one sampling loop: ``sample(denoiser, noise, solver=..., nfe=...)`` and :func:`integrate`.
 
-The loop owns everything solvers should not care about: the sigma grid (from ``nfe`` and a
-schedule, or explicit ``sigmas``), scaling the noise by ``sigma_max``, conditioning, dtype
-handling, NFE counting (measured at the model, not computed from a table), the analytical first
-step, the optional final denoising, callbacks and progress.
+A request is resolved once into a :class:`~diffsampler.plan.Plan` (solver, grid, AFS,
+denoise-to-zero, expected NFE); :func:`integrate` walks the plan's grid with its solver.  The loop
+owns everything solvers should not care about: scaling the noise by the first sigma, conditioning
+and dtypes (through the :class:`Evaluator`), NFE counting (measured at the model), the analytical
+first step, the optional final denoising, callbacks and progress.
 
-Sampling is inference: it runs under ``torch.no_grad()``.  Numbers: the solver arithmetic runs in float64 where the device has it (float32 on Apple MPS);
-the model sees ``noise.dtype``.  Non-finite model outputs are flagged on the device without a
-host sync per step and reported after the loop, naming the first bad step and its sigma.
+The same loop serves inference (``sample()`` runs it under ``torch.no_grad()``), teachers, and
+learned samplers in training (``grad=True``; ``truncate=True`` detaches the state between steps
+so each step's loss back-propagates through that step only).  Numbers: the solver arithmetic runs
+in float64 where the device has it (float32 on Apple MPS); the model sees ``noise.dtype``.
+Non-finite model outputs are flagged on the device without a host sync per step and reported
+after the loop, naming the first bad step and its sigma.
 """
 from __future__ import annotations
 
@@ -17,9 +21,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import schedules as schedules_module
-from .models.base import Denoiser, check_sample_shape, per_sample_sigma, sigma_range, work_dtype
-from .solvers import get_solver
+from .models.base import check_sample_shape, per_sample_sigma, work_dtype
+from .models.features import FeatureTap
+from .plan import Plan, make_plan
 
 
 @dataclass
@@ -30,6 +34,7 @@ class SampleResult:
     nfe: int                   # model evaluations actually made
     sigmas: torch.Tensor       # the grid used (CPU float64, descending)
     solver: str
+    plan: Optional[Plan] = None  # the resolved request (its .record describes it)
 
 
 @dataclass
@@ -52,12 +57,17 @@ class Evaluator:
     """The model as solvers see it: ``evaluate(x, sigma) -> denoised`` in the working dtype.
 
     Passes the conditioning to every call, casts to the model dtype and back, counts calls and
-    records (on the device) whether an output was not finite.
+    records (on the device) whether an output was not finite.  With ``reads`` (a feature module
+    name, see :mod:`diffsampler.models.features`) it also reads the model's feature of each call:
+    :meth:`features` returns the latest one.  Features belong to the run, never to a solver, so
+    one solver object can serve any number of runs at once.  Use it as a context manager when it
+    reads features (the hook is installed on entry and removed on exit).
     """
 
     def __init__(self, denoiser, cond: Dict[str, Any], model_dtype: torch.dtype, work_dtype: torch.dtype,
-                 batch: int, device: torch.device, max_calls: int):
+                 batch: int, device: torch.device, max_calls: int, reads: Optional[str] = None):
         self.denoiser, self.cond = denoiser, cond
+        self.tap = FeatureTap(denoiser, reads, None) if reads is not None else None
         self.model_dtype, self.work_dtype = model_dtype, work_dtype
         self.batch, self.device = batch, device
         self.calls = 0
@@ -67,6 +77,8 @@ class Evaluator:
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """``sigma``: a float, or a per-sample tensor (batch entries; AMED's learned points)."""
+        if self.tap is not None:
+            self.tap.clear()
         if isinstance(sigma, torch.Tensor):
             sigma_t = per_sample_sigma(sigma, self.batch, self.device, self.model_dtype)
         else:
@@ -81,6 +93,27 @@ class Evaluator:
         self.calls += 1
         self.called_at.append((self.step, sigma.detach() if isinstance(sigma, torch.Tensor) else sigma))
         return out.to(self.work_dtype)
+
+    def skip(self) -> None:
+        """An evaluation answered without the model (AFS): its feature is the 'no call' one."""
+        if self.tap is not None:
+            self.tap.clear()
+
+    def features(self, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        """The feature of the latest evaluation (``x``, ``denoised``: its input and output)."""
+        if self.tap is None:
+            raise RuntimeError("this evaluator reads no features: build the plan from a learned sampler that "
+                               "declares what it reads")
+        return self.tap.take(x, denoised)
+
+    def __enter__(self) -> "Evaluator":
+        if self.tap is not None:
+            self.tap.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.tap is not None:
+            self.tap.__exit__(*exc)
 
 
 def analytical_first_step(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -100,71 +133,81 @@ class _FirstCallAnalytic:
         if self.used:
             return self.evaluate(x, sigma)
         self.used = True
+        self.evaluate.skip()
         return analytical_first_step(x, sigma)
 
-
-def take_step(solver, evaluate: Evaluator, x, i: int, sigmas, state, afs: bool):
-    """One step of the sampling loop (shared with AMED training): tags the evaluator with the step
-    index and, with ``afs``, makes step 0's first model call the analytical first step."""
-    evaluate.step = i
-    return solver.step(_FirstCallAnalytic(evaluate) if (afs and i == 0) else evaluate, x, i, sigmas, state)
+    def features(self, x, denoised):
+        return self.evaluate.features(x, denoised)
 
 
-def fixed_schedule_request(schedule, schedule_options, denoiser, sample_shape, afs):
-    """``(schedule, afs)`` for a request naming a schedule file or Schedule: the file is checked
-    against the model (:func:`check_schedule_fits`) and, when ``afs`` is None, supplies its AFS
-    setting.  Other requests come back unchanged."""
-    if schedule is None or schedule_options:
-        return schedule, afs
-    fixed, _ = schedules_module.resolve(schedule)
-    if fixed is None:
-        return schedule, afs
-    check_schedule_fits(fixed, denoiser, (1, *sample_shape))
-    return fixed, bool(fixed.info.get("afs", False)) if afs is None else afs
+def detach_state(state):
+    """The solver state with every tensor detached (truncated back-propagation between steps)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    if isinstance(state, (tuple, list)):
+        return type(state)(detach_state(s) for s in state)
+    return state
 
 
-def resolve_grid(solver, nfe: Optional[int], schedule, schedule_options: Optional[dict],
-                 sigmas, sigma_min: float, sigma_max: float, afs: bool, denoise_to_zero: bool) -> torch.Tensor:
-    """The sigma grid for a request: explicit ``sigmas``, a fixed schedule, or nfe + schedule."""
-    fixed = None
-    if sigmas is not None:
-        if schedule is not None or schedule_options:
-            raise ValueError("give either sigmas= or schedule=, not both")
-        fixed = schedules_module.check_sigmas(sigmas)
-        schedule_fn = None
-    else:
-        if schedule is None:
-            schedule = solver.default_schedule
-            schedule_options = {**solver.default_schedule_options, **(schedule_options or {})}
-        fixed_schedule, schedule_fn = schedules_module.resolve(schedule, schedule_options)
-        fixed = None if fixed_schedule is None else fixed_schedule.sigmas
-    if fixed is not None:
-        implied = solver.num_evals(len(fixed) - 1, afs, denoise_to_zero)
-        if nfe is not None and nfe != implied:
-            raise ValueError(f"nfe={nfe} does not match the given grid: {len(fixed)} sigmas make {len(fixed) - 1} "
-                             f"steps, which cost {implied} evaluations with solver {solver.name!r} "
-                             f"({solver.nfe_rule()}); leave nfe out or change the grid")
-        return fixed
-    if nfe is None:
-        raise ValueError("give nfe= (number of model evaluations) or an explicit sigmas= grid")
-    num_steps = solver.steps_for_nfe(nfe, afs, denoise_to_zero)
-    return schedules_module.check_sigmas(schedule_fn(num_steps, sigma_min, sigma_max))
+def integrate(plan: Plan, evaluate: Evaluator, x: torch.Tensor, *, callback: Optional[Callable[["StepInfo"], None]] = None,
+              progress: bool = False, truncate: bool = False) -> torch.Tensor:
+    """The one loop: walk ``plan``'s grid from ``x`` (already at the first sigma) with its solver.
+
+    With ``plan.afs`` the first model evaluation of step 0 is the analytical first step; with
+    ``plan.denoise_to_zero`` the loop ends with ``D(x, sigma_min)``.  ``callback`` receives a
+    :class:`StepInfo` after every step (with gradients, when enabled); ``truncate`` detaches the
+    state after the callback, so a loss taken there back-propagates through its own step only."""
+    solver, sigmas = plan.solver, plan.sigmas
+    state = solver.init_state()
+    steps = range(plan.steps)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=f"{solver.name} nfe={plan.nfe}", leave=False)
+    for i in steps:
+        evaluate.step = i
+        step_evaluate = _FirstCallAnalytic(evaluate) if (plan.afs and i == 0) else evaluate
+        x_next, denoised, state = solver.step(step_evaluate, x, i, sigmas, state)
+        if callback is not None:
+            callback(StepInfo(i, sigmas[i], x, denoised, sigmas[i + 1], x_next))
+        x = x_next
+        if truncate:
+            x, state = x.detach(), detach_state(state)
+    if plan.denoise_to_zero:
+        evaluate.step = plan.steps
+        x = evaluate(x, sigmas[-1])
+    return x
 
 
-@torch.no_grad()
+def check_noise(noise) -> None:
+    if not isinstance(noise, torch.Tensor) or noise.ndim < 2:
+        shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise must be a tensor of shape (batch, *sample_shape) with at least 2 dims, got {shape}")
+    if not noise.is_floating_point():
+        raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
+
+
+def evaluator_for(plan: Plan, denoiser, noise: torch.Tensor, cond: Optional[Dict[str, Any]] = None) -> Evaluator:
+    """The evaluator of one run of ``plan`` on ``noise``'s batch, device and dtype."""
+    return Evaluator(denoiser, dict(cond or {}), noise.dtype, work_dtype(noise.device), noise.shape[0], noise.device,
+                     max_calls=plan.nfe, reads=plan.reads)
+
+
 def sample(denoiser: Callable, noise: torch.Tensor, solver=None, nfe: Optional[int] = None,
            schedule=None, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, *,
            sigmas: Optional[Sequence[float]] = None, schedule_options: Optional[dict] = None,
            cond: Optional[Dict[str, Any]] = None, afs: Optional[bool] = None, denoise_to_zero: bool = False,
-           callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = False,
-           amed=None, **solver_options) -> SampleResult:
+           steps: Optional[int] = None, plan: Optional[Plan] = None, learned=None, amed=None,
+           callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = False, grad: bool = False,
+           **solver_options) -> SampleResult:
     """Solve the probability-flow ODE from ``sigma_max * noise`` down to ``sigma_min``.
 
     Args:
         denoiser: ``D(x, sigma, **cond) -> x0`` (EDM parametrization; sigma is a (batch,) tensor).
         noise: standard normal tensor ``(batch, *shape)``; scaled by the grid's first sigma here.
-        solver: a registered solver name (see ``diffsampler list``) or a Solver instance; default ipndm.
-        nfe: model evaluations to spend (the solver's NFE rule picks the number of steps).
+        solver: a registered solver name or alias (see ``diffsampler list``) or a Solver instance;
+            default :data:`diffsampler.plan.DEFAULT_SOLVER`.
+        nfe: model evaluations to spend (the solver's NFE rule picks the number of steps);
+            ``steps=`` gives the number of steps instead.
         schedule: a schedule name, a :class:`~diffsampler.schedules.Schedule`, a schedule file, or a
             function; default: the solver's recommended schedule.  Options in ``schedule_options``.
         sigma_min, sigma_max: the grid's range; default: the denoiser's own (EDM's 0.002 and 80
@@ -174,75 +217,39 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver=None, nfe: Optional[i
         afs: analytical first step (saves the first model evaluation); default: what a schedule
             file records (GITS schedules tuned with AFS), otherwise False.
         denoise_to_zero: finish with ``x = D(x, sigma_min)`` (one more evaluation).
+        plan: an already resolved :class:`~diffsampler.plan.Plan` (then give no other request).
+        learned: a learned sampler or its file (:mod:`diffsampler.learned`): samples with the
+            solver, grid and AFS it was trained for (conflicting requests are refused).
+            ``amed=`` is the same for AMED predictors (kept for existing code).
         callback: called with a :class:`StepInfo` after every step.
         progress: show a tqdm progress bar.
-        amed: an AMED predictor (or its file, see :mod:`diffsampler.amed`): samples with the AMED
-            solver it was trained for, on its grid and AFS setting (conflicting requests are refused).
+        grad: keep gradients (training learned samplers through this loop); default off.
         **solver_options: the solver's dataclass fields, e.g. ``max_order=3``.
     """
-    if amed is not None:
-        if solver_options:
-            raise ValueError("solver options cannot be combined with amed= (the predictor fixes the solver)")
-        solver, sigmas, afs = _amed_request(amed, denoiser, noise, solver, nfe, schedule, sigmas, afs)
-        nfe, schedule = None, None
-    solver = get_solver("ipndm" if solver is None else solver, **solver_options)
-    if not isinstance(noise, torch.Tensor) or noise.ndim < 2:
-        shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
-        raise ValueError(f"noise must be a tensor of shape (batch, *sample_shape) with at least 2 dims, got {shape}")
-    if not noise.is_floating_point():
-        raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
+    check_noise(noise)
+    if learned is not None and amed is not None:
+        raise ValueError("give learned= or amed=, not both")
+    learned = amed if learned is None else learned
+    if plan is None:
+        plan = make_plan(solver, nfe, schedule, sigmas=sigmas, schedule_options=schedule_options,
+                         sigma_min=sigma_min, sigma_max=sigma_max, afs=afs, denoise_to_zero=denoise_to_zero,
+                         steps=steps, learned=learned, model=denoiser, shape=tuple(noise.shape[1:]),
+                         device=noise.device, **solver_options)
+    else:
+        asked = {"solver": solver, "nfe": nfe, "schedule": schedule, "sigma_min": sigma_min, "sigma_max": sigma_max,
+                 "sigmas": sigmas, "schedule_options": schedule_options, "afs": afs, "steps": steps,
+                 "learned": learned}
+        given = [k for k, v in asked.items() if v is not None] + (["denoise_to_zero"] if denoise_to_zero else []) + \
+            sorted(solver_options)
+        if given:
+            raise ValueError(f"plan= is a resolved request: drop {', '.join(given)}")
     check_sample_shape(denoiser, noise.shape)
-    default_min, default_max = sigma_range(denoiser)
-    if sigmas is None:
-        schedule, afs = fixed_schedule_request(schedule, schedule_options, denoiser, noise.shape[1:], afs)
-    afs = bool(afs)
-    sigma_min = default_min if sigma_min is None else float(sigma_min)
-    sigma_max = default_max if sigma_max is None else float(sigma_max)
-    grid = resolve_grid(solver, nfe, schedule, schedule_options, sigmas, sigma_min, sigma_max, afs, denoise_to_zero)
-    grid_list = tuple(float(s) for s in grid)
-    num_steps = len(grid_list) - 1
-
-    work = work_dtype(noise.device)
-    expected = solver.num_evals(num_steps, afs, denoise_to_zero)
-    evaluate = Evaluator(denoiser, dict(cond or {}), noise.dtype, work, noise.shape[0], noise.device,
-                         max_calls=expected)
-    x = noise.to(work) * grid_list[0]
-    state = solver.init_state()
-    steps = range(num_steps)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc=f"{solver.name} nfe={expected}", leave=False)
-    with solver.attach(denoiser):
-        for i in steps:
-            x_next, denoised, state = take_step(solver, evaluate, x, i, grid_list, state, afs)
-            if callback is not None:
-                callback(StepInfo(i, grid_list[i], x, denoised, grid_list[i + 1], x_next))
-            x = x_next
-    if denoise_to_zero:
-        evaluate.step = num_steps
-        x = evaluate(x, grid_list[-1])
+    with torch.set_grad_enabled(grad), evaluator_for(plan, denoiser, noise, cond) as evaluate:
+        x = noise.to(evaluate.work_dtype) * plan.sigmas[0]
+        x = integrate(plan, evaluate, x, callback=callback, progress=progress)
     _raise_if_not_finite(evaluate)
-    return SampleResult(samples=x.to(noise.dtype), nfe=evaluate.calls, sigmas=grid, solver=solver.name)
-
-
-def _amed_request(amed, denoiser, noise, solver, nfe, schedule, sigmas, afs):
-    from . import amed as amed_module
-    predictor = amed if isinstance(amed, amed_module.Predictor) else amed_module.load(amed, device=noise.device)
-    shape = tuple(noise.shape[1:]) if isinstance(noise, torch.Tensor) else ()
-    return predictor.sampling_request(denoiser, shape, solver, nfe, schedule, sigmas, afs)
-
-
-def check_schedule_fits(schedule: "schedules_module.Schedule", denoiser, noise_shape) -> None:
-    """Refuse a schedule file made for another sample shape or outside the model's sigma range."""
-    made_for = schedule.info.get("shape")
-    if made_for is not None and tuple(made_for) != tuple(noise_shape[1:]):
-        raise ValueError(f"this schedule was made for samples of shape {tuple(made_for)}, not {tuple(noise_shape[1:])}; "
-                         "make one for this model (diffsampler schedule gits ...)")
-    if isinstance(denoiser, Denoiser):
-        lo, hi = float(schedule.sigmas[-1]), float(schedule.sigmas[0])
-        if hi > denoiser.sigma_max * (1 + 1e-6) or lo < denoiser.sigma_min * (1 - 1e-6):
-            raise ValueError(f"this schedule spans sigma {lo:g}..{hi:g}, outside the model's range "
-                             f"{denoiser.sigma_min:g}..{denoiser.sigma_max:g}; it was made for another model")
+    return SampleResult(samples=x.to(noise.dtype), nfe=evaluate.calls, sigmas=plan.sigma_tensor(),
+                        solver=plan.solver.name, plan=plan)
 
 
 def _raise_if_not_finite(evaluate: Evaluator) -> None:

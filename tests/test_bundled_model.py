@@ -17,11 +17,16 @@ from diffsampler.datasets import (
 from diffsampler.models.base import Denoiser
 from diffsampler.models.bundled import BundledModelError, available_models, load_bundled
 from diffsampler.models.edm import EDMDenoiser, VPPrecond, loss_weight, make_precond
-from diffsampler.models.train import TrainConfig, denoising_loss, export_model, train
+from diffsampler.tools.train_unet import TrainConfig, denoising_loss, export_model, train
 from diffsampler.models.unet import UNet, UNetConfig
-from diffsampler.metrics.classifier import (
-    FashionClassifier, feature_stats, frechet_distance, load_classifier,
-)
+from diffsampler.metrics import fid
+from diffsampler.metrics.classifier import FashionClassifier, load_classifier
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    as_stats = lambda mu, sigma: {"mu": np.atleast_1d(np.asarray(mu, np.float64)),
+                                  "sigma": np.atleast_2d(np.asarray(sigma, np.float64))}
+    return fid.frechet_distance(as_stats(mu1, sigma1), as_stats(mu2, sigma2))
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_AVAILABLE = Path("/usr/share/datasets/fashion-mnist").is_dir()
@@ -314,7 +319,7 @@ def test_wall_clock_budget_stops_and_keeps_state(tmp_path):
 
 
 def test_label_dropout_zeroes_rows():
-    from diffsampler.models.train import one_hot_with_dropout
+    from diffsampler.tools.train_unet import one_hot_with_dropout
 
     labels = torch.randint(10, (4000,), generator=torch.Generator().manual_seed(0))
     oh = one_hot_with_dropout(labels, 10, 0.1, torch.Generator().manual_seed(1))
@@ -408,7 +413,8 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
 
 def test_feature_stats_and_classifier_feature_shape():
     f = torch.randn(500, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 2.0, 3.0, 4.0])
-    mu, cov = feature_stats(f)
+    stats = fid.statistics(f)
+    mu, cov = stats["mu"], stats["sigma"]
     assert mu.shape == (4,) and cov.shape == (4, 4)
     np.testing.assert_allclose(np.diag(cov), np.var(f.numpy(), axis=0, ddof=1), rtol=1e-5)
     model = FashionClassifier().eval()

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from diffsampler import SOLVERS, schedules
+from diffsampler.solvers import ALIASES
 from diffsampler.cli import main
 
 
@@ -34,7 +35,7 @@ def test_sample_writes_one_real_png_per_seed_plus_grid(tmp_path):
     assert len({im.tobytes() for im in images}) == 12 and max(im.std() for im in images) > 20   # real, distinct
     assert Image.open(tmp_path / "grid.png").size[0] >= 256
     settings = json.loads((tmp_path / "settings.json").read_text())
-    assert settings["nfe"] == 5 and settings["solver"] == "ipndm" and len(settings["sigmas"]) == 6
+    assert settings["nfe"] == 5 and settings["solver"]["name"] == "ipndm" and len(settings["sigmas"]) == 6
     assert "NFE per image 5" in result.output
 
 
@@ -60,7 +61,7 @@ def test_rerun_skips_finished_seeds(tmp_path):
     (["--schedule", "nope"], "unknown schedule 'nope'"),
     (["--seeds", "10-5"], "seed range '10-5' is empty"),
     (["--nfe", 0], "0 is not in the range x>=1"),
-    (["--solver", "nope"], "'nope' is not one of 'euler', 'heun'"),
+    (["--solver", "nope"], "unknown solver 'nope': valid solvers are euler, heun"),
     (["--model", "nope"], "unknown model 'nope'"),
     (["--sigmas", "1,2,0.5"], "strictly descending"),
     (["--option", "bogus=1"], "has no option 'bogus'"),
@@ -79,7 +80,9 @@ def test_list_and_help_read_the_registry():
         assert name in listing and cls.nfe_rule() in listing
     for name in schedules.SCHEDULES:
         assert name in listing
-    assert all(name in run("sample", "--help").output for name in SOLVERS)
+    for alias in ALIASES:
+        assert alias in listing
+    assert "diffsampler list" in run("sample", "--help").output
 
 
 def test_python_dash_m_entry_point():
@@ -102,6 +105,7 @@ def test_default_model_is_the_bundled_network_and_follows_class_and_guidance(tmp
         predicted = load_classifier()(x).argmax(1)
     assert (predicted == 7).float().mean() >= 0.7, predicted.tolist()
     settings = json.loads((tmp_path / "settings.json").read_text())
-    assert settings["model"] == "fashion-mnist" and settings["class"] == 7 and settings["guidance"] == 2.0
+    assert settings["model"] == "fashion-mnist" and settings["conditioning"]["class"] == 7
+    assert settings["conditioning"]["guidance"] == 2.0 and settings["class_labels"] == [7] * 20
     bad = run("sample", "--class", 10, "--outdir", tmp_path / "bad")
     assert bad.exit_code == 2 and "classes 0..9" in bad.output

@@ -13,7 +13,7 @@ from diffsampler.models.base import Denoiser
 from diffsampler.models.edm_pickle import (FORMAT_VERSION, EasyDict, META_KEYS, SHIMS, SOURCE_MODULE_PREFIX,
                                            EDMSnapshotError, UntrustedPickleError, load_edm_pickle,
                                            load_edm_snapshot)
-from diffsampler.models.edm_snapshot_format import (dumps_edm_snapshot, module_from_source, save_edm_snapshot,
+from edm_snapshot_format import (dumps_edm_snapshot, module_from_source, save_edm_snapshot,
                                                     tiny_edm_loss, tiny_edm_network)
 
 CHANNELS, RES, LABELS = 2, 8, 3

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from diffsampler.cli import main
 from diffsampler.metrics import CLASSIFIER
-from diffsampler.metrics import fid
+from diffsampler.metrics import fid, pipeline
 from diffsampler.metrics.classifier import ClassifierConfig, FashionClassifier
 
 
@@ -77,8 +77,8 @@ def test_our_numbers_equal_torch_fidelitys_own(tmp_path, use_classifier):
         input1=str(a), input2=str(b), cuda=False, fid=True, kid=True, kid_subset_size=50, kid_subsets=20,
         feature_extractor=CLASSIFIER, classifier_path=str(use_classifier), verbose=False, save_cpu_ram=True)
     from diffsampler.metrics.sources import open_images
-    fa = fid.extract_features(open_images(a), CLASSIFIER)
-    fb = fid.extract_features(open_images(b), CLASSIFIER)
+    fa = pipeline.features(open_images(a), CLASSIFIER)
+    fb = pipeline.features(open_images(b), CLASSIFIER)
     ours_fid = fid.frechet_distance(fid.statistics(fa), fid.statistics(fb))
     ours_kid = fid.kid(fa, fb, subsets=20, subset_size=50)
     assert ours_fid == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)

@@ -252,7 +252,7 @@ class LabelledGaussians(Denoiser):
 ])
 def test_cli_warm_up_is_conditioned_like_sample(tmp_path, monkeypatch, extra, expected):
     model = LabelledGaussians()
-    monkeypatch.setattr("diffsampler.cli.load_model", lambda spec, **kw: model)
+    monkeypatch.setattr("diffsampler.models.specs.load_model", lambda spec, **kw: model)
     out = tmp_path / "s.json"
     made = CliRunner().invoke(main, ["schedule", "gits", "--model", "labelled", "--nfe", "3", "--warmup", "6",
                                      "--batch", "6", "--teacher-steps", "10", "--first-seed", "100", *extra,
@@ -269,7 +269,7 @@ def test_cli_warm_up_with_guidance_makes_batched_cond_uncond_calls(tmp_path, mon
                                         "--out", str(tmp_path / "x.json")])
     assert refused.exit_code == 2 and "model is unconditional" in refused.output
     model = LabelledGaussians()
-    monkeypatch.setattr("diffsampler.cli.load_model", lambda spec, **kw: model)
+    monkeypatch.setattr("diffsampler.models.specs.load_model", lambda spec, **kw: model)
     made = CliRunner().invoke(main, ["schedule", "gits", "--model", "labelled", "--nfe", "3", "--warmup", "4",
                                      "--batch", "4", "--teacher-steps", "10", "--guidance", "2",
                                      "--device", "cpu:0", "--out", str(tmp_path / "s.json")])
@@ -286,7 +286,7 @@ def test_cli_sweeps_nfes_and_coefficients_from_one_warm_up(tmp_path, monkeypatch
     model = load_model(spec)
     calls = []
     counted = type("Counted", (Denoiser,), {"shape": model.shape, "denoise": lambda self, x, s: calls.append(1) or model(x, s)})()
-    monkeypatch.setattr("diffsampler.cli.load_model", lambda name, **kw: counted)
+    monkeypatch.setattr("diffsampler.models.specs.load_model", lambda name, **kw: counted)
     runner = CliRunner()
     args = ["schedule", "gits", "--model", spec, "--warmup", "8", "--teacher-steps", "20"]
     made = runner.invoke(main, args + ["--nfe", "3-4", "--coeff", "1.0,1.15", "--out", str(tmp_path / "g_{nfe}_{coeff}.json")])

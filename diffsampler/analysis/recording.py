@@ -73,14 +73,15 @@ def _slice_cond(cond: Dict[str, Any], batch: int, part: slice) -> Dict[str, Any]
 
 
 @torch.no_grad()
-def record_trajectories(denoiser, noise: torch.Tensor, solver="heun", nfe: Optional[int] = None, *,
+def record_trajectories(denoiser, noise: torch.Tensor, solver=None, nfe: Optional[int] = None, *,
                         batch_size: Optional[int] = None, store_device: Optional[Union[str, torch.device]] = None,
                         cond: Optional[Dict[str, Any]] = None, **sample_kwargs) -> Trajectories:
     """Run ``sample(denoiser, noise, solver=solver, nfe=nfe, ...)`` and record every step.
 
     Args:
         denoiser, noise, solver, nfe, cond, **sample_kwargs: as for :func:`diffsampler.sample`
-            (``sigmas=``, ``schedule=``, ``afs=``, ``denoise_to_zero=``, solver options, ...).
+            (``plan=``, ``sigmas=``, ``schedule=``, ``afs=``, ``denoise_to_zero=``, solver options, ...);
+            the solver defaults to ``heun`` (fine trajectories need a smooth, accurate solver).
             A ``callback=`` given here is still called at every step.
         batch_size: sample the noise in chunks of this many seeds (results do not depend on it).
         store_device: where the recorded float64 tensors live (default: the noise's device);
@@ -98,6 +99,8 @@ def record_trajectories(denoiser, noise: torch.Tensor, solver="heun", nfe: Optio
     device = noise.device if store_device is None else torch.device(store_device)
     dtype = work_dtype(device)
     user_callback = sample_kwargs.pop("callback", None)
+    if solver is None and sample_kwargs.get("plan") is None:
+        solver = "heun"
     cond = dict(cond or {})
     states, denoised, finals = [], [], []
     sigmas, nfe_used, name = None, 0, ""

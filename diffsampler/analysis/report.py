@@ -222,20 +222,3 @@ def write_report(traj: Trajectories, geom: Geometry, out_dir, *, info: Optional[
     write_atomic(out_dir / "numbers.json", (json.dumps(numbers, indent=1) + "\n").encode())
     log(f"  wrote {out_dir / 'numbers.json'}")
     return numbers
-
-
-def load_analysis_model(spec: str):
-    """A model spec as ``diffsampler sample --model`` takes it; also ``bundled:NAME`` or the bare name
-    of a bundled checkpoint (``fashion-mnist``) while the spec registry does not know them."""
-    from ..models.specs import load_model
-    try:
-        return load_model(spec)
-    except ValueError as err:
-        from ..models import bundled
-        name = spec.partition(":")[2] if spec.startswith("bundled:") else spec
-        if spec.startswith("bundled:") or name in bundled.available_models():
-            try:
-                return bundled.load_bundled(name)
-            except bundled.BundledModelError as inner:
-                raise ValueError(str(inner)) from None
-        raise err

@@ -91,7 +91,7 @@ def create(name: str, device: str = "cpu", inception_weights_path: Optional[str]
             extractor = create_feature_extractor(name, [layer], cuda=False, **kwargs)
         except OSError as err:      # URLError is an OSError: offline and no local file
             cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-            raise RuntimeError(
+            raise FileNotFoundError(
                 f"the Inception-v3 weights are not available offline ({err.__class__.__name__}: {err}). Download "
                 f"{INCEPTION_FILE} (torch-fidelity's release) once and put it at {cached}, or pass "
                 "--inception-weights PATH, or set DIFFSAMPLER_INCEPTION_WEIGHTS") from None

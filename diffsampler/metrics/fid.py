@@ -1,9 +1,8 @@
-"""FID, KID and precision/recall on torch-fidelity, with reference statistics files.
+"""Statistics and metrics of features: FID, KID and precision/recall on torch-fidelity, and
+reference statistics files.
 
-Features come from a torch-fidelity feature extractor (see :mod:`.extractors`); statistics, the
-Frechet distance, KID and precision/recall are torch-fidelity's own functions, so our numbers are
-torch-fidelity's numbers.  Under torchrun the images are split across ranks and the features
-gathered in order, so the result does not depend on the number of processes.
+Statistics, the Frechet distance, KID and precision/recall are torch-fidelity's own functions, so
+our numbers are torch-fidelity's numbers.  (Features come from :mod:`.pipeline`.)
 
 A reference file (``.npz``) holds ``mu`` and ``sigma`` (the format of the reference statistics
 the EDM ecosystem distributes) plus ``extractor``, ``num_images`` and optionally a subset of
@@ -13,54 +12,22 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric, KEY_METRIC_FID
 from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
 from torch_fidelity.metric_prc import prc_features_to_metric, KEY_METRIC_PRECISION, KEY_METRIC_RECALL
 
 from ..fileio import write_atomic
-from . import extractors
-
-
-def _rank_world():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-@torch.no_grad()
-def extract_features(images, extractor: str, batch: int = 250, device: str = "cpu",
-                     inception_weights: Optional[str] = None, classifier_path: Optional[str] = None,
-                     progress: bool = False) -> torch.Tensor:
-    """(N, F) float32 features of an image Dataset (uint8 CHW items), in dataset order."""
-    module, layer = extractors.create(extractor, device, inception_weights, classifier_path)
-    rank, world = _rank_world()
-    indices = list(range(rank, len(images), world))
-    loader = DataLoader(Subset(images, indices), batch_size=batch, shuffle=False, num_workers=0)
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-        loader = tqdm(loader, desc=f"features ({extractor})", unit="batch")
-    parts = []
-    for x in loader:
-        if extractor == extractors.INCEPTION and x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        parts.append(module.convert_features_tuple_to_dict(module(x.to(device)))[layer].cpu())
-    mine = torch.cat(parts) if parts else torch.zeros(0)
-    if world == 1:
-        return mine
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, mine)
-    out = torch.empty(len(images), gathered[0].shape[1], dtype=gathered[0].dtype)
-    for r, part in enumerate(gathered):
-        out[r::world] = part
-    return out
+from . import INCEPTION
 
 
 def statistics(features: torch.Tensor) -> Dict[str, np.ndarray]:
+    """Mean ``mu`` and (unbiased) covariance ``sigma`` of (N, F) features."""
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"statistics need (N >= 2, F) features, got shape {tuple(features.shape)}")
     return fid_features_to_statistics(features.cpu())
 
 
@@ -108,7 +75,7 @@ def load_reference(path) -> Dict[str, object]:
     if "mu" not in data.files or "sigma" not in data.files:
         raise ValueError(f"{path} is not a reference statistics file (needs arrays 'mu' and 'sigma')")
     ref = {"mu": data["mu"], "sigma": data["sigma"],
-           "extractor": str(data["extractor"]) if "extractor" in data.files else extractors.INCEPTION}
+           "extractor": str(data["extractor"]) if "extractor" in data.files else INCEPTION}
     if "features" in data.files:
         ref["features"] = torch.from_numpy(data["features"])
     return ref

@@ -10,7 +10,7 @@ analytic Gaussian mixture) all subclass it; solvers never look past ``__call__``
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,7 @@ class Denoiser:
     sigma_max: float = EDM_SIGMA_MAX
     shape: Optional[Tuple[int, ...]] = None
     num_classes: int = 0          # > 0: class-conditional through cond ``class_labels`` (one-hot rows)
+    class_names: Tuple[str, ...] = ()
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         raise NotImplementedError
@@ -36,15 +37,86 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         return self.denoise(x, sigma, **cond)
 
+    # --- what the model declares, so that no caller inspects its type ----------------------------
+    @property
+    def conditioning(self) -> str:
+        """The conditioning it takes: ``"class"`` (cond ``class_labels``, one-hot rows; see
+        ``num_classes``), ``"text"`` (prompts through ``encode_prompt``) or ``"none"``."""
+        return "class" if self.num_classes else "none"
+
+    @property
+    def network(self) -> Optional[torch.nn.Module]:
+        """The torch module that computes it (features are read from it), or None (analytic models)."""
+        return None
+
+    def identity_tensors(self) -> List[torch.Tensor]:
+        """The tensors that make this model what it is (weights; a mixture's means and stds)."""
+        net = self.network
+        return [p.detach() for p in net.parameters()] if net is not None else []
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples -> images in [-1, 1] (latent models decode through their VAE; others are images)."""
+        return samples
+
+    def to(self, *args, **kwargs):
+        """Move the model in place (returns it)."""
+        net = self.network
+        if net is not None:
+            net.to(*args, **kwargs)
+        return self
+
+
+class DenoiserWrapper(Denoiser):
+    """A denoiser around another (guidance, thresholding, ...): forwards the sigma range, shape,
+    classes, conditioning, network, identity, decoding and ``.to()`` to ``inner``."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.sigma_min, self.sigma_max = sigma_range(inner)
+        self.shape = inner.shape if isinstance(inner, Denoiser) else None
+        self.num_classes = inner.num_classes if isinstance(inner, Denoiser) else 0
+        self.class_names = inner.class_names if isinstance(inner, Denoiser) else ()
+
+    @property
+    def conditioning(self) -> str:
+        return self.inner.conditioning if isinstance(self.inner, Denoiser) else "none"
+
+    @property
+    def network(self) -> Optional[torch.nn.Module]:
+        return self.inner.network if isinstance(self.inner, Denoiser) else None
+
+    def identity_tensors(self) -> List[torch.Tensor]:
+        return self.inner.identity_tensors() if isinstance(self.inner, Denoiser) else []
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode(samples) if isinstance(self.inner, Denoiser) else samples
+
+    def encode_prompt(self, *args, **kwargs):
+        return self.inner.encode_prompt(*args, **kwargs)
+
+    def to(self, *args, **kwargs):
+        """Moves the wrapped model (a plain callable stays where it is)."""
+        if isinstance(self.inner, Denoiser):
+            self.inner.to(*args, **kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
 
 class NetworkDenoiser(Denoiser):
     """A denoiser around one ``torch.nn.Module`` (``self.net``), handled like a module."""
 
     net: torch.nn.Module
 
-    def to(self, *args, **kwargs):
-        self.net.to(*args, **kwargs)
-        return self
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.net
 
     def eval(self):
         self.net.eval()

@@ -100,7 +100,7 @@ _PERSISTENT: "weakref.WeakKeyDictionary[type, Optional[str]]" = weakref.WeakKeyD
 def persistent_class(cls):
     """The decorator pickled sources apply to their classes: marks ``cls`` persistent, returns it.
 
-    Unlike EDM's, it does not wrap the class; the writer in :mod:`.edm_snapshot_format` finds the
+    Unlike EDM's, it does not wrap the class; the test writer (tests/edm_snapshot_format.py) finds the
     marked classes and pickles their instances in the persistent format.
     """
     if not isinstance(cls, type):

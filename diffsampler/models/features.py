@@ -21,20 +21,14 @@ from typing import Optional, Tuple
 
 import torch
 
+from .base import Denoiser
+
 FALLBACK = "denoised"
-_WRAPPER_ATTRIBUTES = ("inner", "denoiser")
 
 
 def _network(denoiser) -> Optional[torch.nn.Module]:
-    """The network inside a (possibly wrapped: guidance, latent) denoiser, or None."""
-    seen = 0
-    while denoiser is not None and seen < 8:
-        net = getattr(denoiser, "net", None)
-        if isinstance(net, torch.nn.Module):
-            return net
-        denoiser = next((getattr(denoiser, a) for a in _WRAPPER_ATTRIBUTES if hasattr(denoiser, a)), None)
-        seen += 1
-    return None
+    """The network a (possibly wrapped) denoiser declares, or None."""
+    return denoiser.network if isinstance(denoiser, Denoiser) else None
 
 
 def find_feature_module(denoiser, module: Optional[str] = None) -> Tuple[str, Optional[torch.nn.Module]]:

@@ -122,6 +122,10 @@ class FlowDenoiser(Denoiser):
                 shape = (config["in_channels"], *size)
         self.shape = tuple(int(s) for s in shape) if shape is not None else None
 
+    @property
+    def network(self) -> Optional[torch.nn.Module]:
+        return self.model if isinstance(self.model, torch.nn.Module) else None
+
     @classmethod
     def from_pipeline(cls, pipe, **kwargs) -> "FlowDenoiser":
         """From a loaded flow pipeline (``transformer`` + ``FlowMatchEulerDiscreteScheduler``-style

@@ -52,6 +52,9 @@ class GaussianMixture(Denoiser):
     def dim(self) -> int:
         return self.means.shape[1]
 
+    def identity_tensors(self):
+        return [self.means, self.stds]
+
     def to(self, device) -> "GaussianMixture":
         self.means, self.stds, self.weights = (t.to(device) for t in (self.means, self.stds, self.weights))
         return self

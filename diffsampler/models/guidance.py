@@ -33,21 +33,22 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
-from .base import Denoiser, sigma_range
+from .base import DenoiserWrapper
 
 Uncond = Union[None, Mapping[str, Any], Callable[[Dict[str, Any]], Dict[str, Any]]]
 
 
-class ClassifierFreeGuidance(Denoiser):
+class ClassifierFreeGuidance(DenoiserWrapper):
     def __init__(self, denoiser, scale: float, uncond: Uncond = None, num_classes: Optional[int] = None):
         scale = float(scale)
         if not scale == scale:   # NaN
             raise ValueError("guidance scale must be a number")
         if uncond is not None and not (isinstance(uncond, Mapping) or callable(uncond)):
             raise TypeError(f"uncond must be None, a dict of conditioning or a function, got {type(uncond).__name__}")
-        self.inner, self.scale, self.uncond, self.num_classes = denoiser, scale, uncond, num_classes
-        self.sigma_min, self.sigma_max = sigma_range(denoiser)
-        self.shape = denoiser.shape if isinstance(denoiser, Denoiser) else None
+        super().__init__(denoiser)
+        self.scale, self.uncond = scale, uncond
+        if num_classes is not None:
+            self.num_classes = int(num_classes)
 
     def unconditional(self, cond: Dict[str, Any]) -> Dict[str, Any]:
         """The conditioning of the unconditional half for a call's ``cond``."""
@@ -67,7 +68,7 @@ class ClassifierFreeGuidance(Denoiser):
     def _one_hot_labels(self, cond: Dict[str, Any], dtype: torch.dtype) -> Dict[str, Any]:
         """Integer labels -> one-hot rows (in the sample dtype) when num_classes is known."""
         labels = cond.get("class_labels")
-        if self.uncond is None and labels is not None and self.num_classes is not None:
+        if self.uncond is None and labels is not None and self.num_classes:
             labels = torch.as_tensor(labels)
             if not labels.is_floating_point():
                 return {**cond, "class_labels": one_hot(labels, self.num_classes).to(device=labels.device, dtype=dtype)}

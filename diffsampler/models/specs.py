@@ -1,6 +1,7 @@
 """Model specs: the strings ``--model`` accepts, turned into denoisers.
 
     fashion-mnist               the bundled EDM U-Net trained on Fashion-MNIST (class-conditional; default)
+    NAME, bundled:NAME          any model bundled under checkpoints/NAME
     digits                      the optimal denoiser of scikit-learn's 8x8 digits
     diffusers:DIR               a saved diffusers pipeline (pixel UNet, Stable Diffusion, SD3, ...)
     edm:PATH.pkl                an NVlabs EDM network snapshot; unpickling runs code from the file, so it
@@ -17,9 +18,8 @@ from typing import Callable, Dict
 
 import torch
 
+from ..defaults import DEFAULT_MODEL  # noqa: F401  (re-exported: the spec --model defaults to)
 from .gmm import GaussianMixture
-
-DEFAULT_MODEL = "fashion-mnist"
 
 
 def _dataset_kde(name: str, arg: str) -> GaussianMixture:
@@ -30,11 +30,16 @@ def _dataset_kde(name: str, arg: str) -> GaussianMixture:
 
 
 def _synthetic(arg: str) -> GaussianMixture:
+    usage = "gmm:synthetic needs K:CxHxW[:SEED] with K >= 1 components and positive sizes, e.g. gmm:synthetic:10:3x32x32"
     parts = arg.split(":")
-    if len(parts) not in (2, 3):
-        raise ValueError("gmm:synthetic needs K:CxHxW[:SEED], e.g. gmm:synthetic:10:3x32x32")
-    k, shape = int(parts[0]), tuple(int(s) for s in parts[1].lower().split("x"))
-    gen = torch.Generator().manual_seed(int(parts[2]) if len(parts) == 3 else 0)
+    try:
+        k, shape = int(parts[0]), tuple(int(s) for s in parts[1].lower().split("x"))
+        seed = int(parts[2]) if len(parts) == 3 else 0
+    except (ValueError, IndexError):
+        raise ValueError(f"{usage}; got gmm:synthetic:{arg}") from None
+    if len(parts) not in (2, 3) or k < 1 or not shape or min(shape) < 1:
+        raise ValueError(f"{usage}; got gmm:synthetic:{arg}")
+    gen = torch.Generator().manual_seed(seed)
     means = 0.5 * torch.randn(k, *shape, dtype=torch.float64, generator=gen)
     stds = 0.1 + 0.3 * torch.rand(k, dtype=torch.float64, generator=gen)
     return GaussianMixture(means, stds=stds)
@@ -86,12 +91,16 @@ def load_model(spec: str = DEFAULT_MODEL, dtype=None, trust_pickle: bool = False
     formats whose loading runs code from the file (EDM snapshots)."""
     if spec in NAMED:
         return NAMED[spec]()
+    from . import bundled
     prefix, sep, arg = spec.partition(":")
+    if spec in bundled.available_models() or (sep and prefix == "bundled"):
+        return bundled.load_bundled(arg if sep else spec)
     if sep and prefix == "diffusers":
         return _diffusers(arg, dtype)
     if sep and prefix == "edm":
         return _edm(arg, trust_pickle)
     if sep and prefix in PREFIXES:
         return PREFIXES[prefix](arg)
-    raise ValueError(f"unknown model {spec!r}: use one of {', '.join(NAMED)}, or "
-                     f"{', '.join(p + ':...' for p in PREFIXES)}")
+    names = list(dict.fromkeys([*NAMED, *bundled.available_models()]))
+    raise ValueError(f"unknown model {spec!r}: use one of {', '.join(names)}, or "
+                     f"{', '.join(p + ':...' for p in [*PREFIXES, 'bundled'])}")

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import Denoiser, sigma_range
+from .base import DenoiserWrapper
 
 
-class DynamicThresholding(Denoiser):
+class DynamicThresholding(DenoiserWrapper):
     def __init__(self, denoiser, ratio: float = 0.995, max_value: float = 1.0):
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
-        self.inner, self.ratio, self.max_value = denoiser, ratio, max_value
-        self.sigma_min, self.sigma_max = sigma_range(denoiser)
-        self.shape = getattr(denoiser, "shape", None) if isinstance(denoiser, Denoiser) else None
+        super().__init__(denoiser)
+        self.ratio, self.max_value = ratio, max_value
 
     def denoise(self, x, sigma, **cond):
         denoised = self.inner(x, sigma, **cond)

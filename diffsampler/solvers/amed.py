@@ -1,9 +1,9 @@
 """AMED (Zhou et al., "Fast ODE-based Sampling for Diffusion Models in Around 5 Steps", CVPR 2024).
 
 Sampling trajectories lie almost in a plane, so the mean direction over a step is well
-approximated by the direction at one intermediate time.  A tiny predictor (:mod:`diffsampler.amed`)
-reads the bottleneck feature of the evaluation at ``sigma_i`` and the two times, and returns
-``r`` in (0, 1) and optional scales ``s_dir``, ``s_time`` in [1 - c, 1 + c]:
+approximated by the direction at one intermediate time.  A tiny predictor (the learned sampler
+:mod:`diffsampler.learned.amed`) reads the bottleneck feature of the evaluation at ``sigma_i`` and
+the two times, and returns ``r`` in (0, 1) and optional scales ``s_dir``, ``s_time`` in [1 - c, 1 + c]:
 
     sigma_mid = sigma_i^(1 - r) * sigma_next^r          (per sample)
 
@@ -23,17 +23,15 @@ evaluation at ``sigma_0`` and no intermediate point (Euler for AMED-Solver and d
 ``sigma_0`` and replaces it with the zero-mean guess ``denoised = 0`` (paper), ``plain_first``
 drops the intermediate one.  The guess is good for data centred at 0 (CIFAR-10 in [-1, 1]) and poor
 when the data mean is far from it (the bundled Fashion-MNIST model: mean image -0.44).
-Without a predictor ``r`` is the fixed option ``r`` and no scale is applied: with r = 0.5 the
-AMED-Solver is exactly ``dpm2`` (the midpoint method in log sigma), and a plugin is its base on
-the grid with geometric midpoints inserted.
+Here, without a predictor, ``r`` is the fixed option ``r`` and no scale is applied: with r = 0.5
+the AMED-Solver is exactly ``dpm2`` (the midpoint method in log sigma), and a plugin is its base on
+the grid with geometric midpoints inserted.  The learned sampler overrides :meth:`AMED.intermediate`.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
-from ..models.features import FeatureTap
 from .base import Solver
 from .dpm2 import midpoint_step
 from .registry import get_solver, register
@@ -64,7 +62,6 @@ def _time_scaled(evaluate, scale_time):
 class AMED(Solver):
     r: float = 0.5
     base: Optional[Union[str, Solver]] = None
-    predictor: Optional[Any] = None
     plain_first: bool = False
     evals_per_step = 2
     summary = "AMED-Solver / AMED-Plugin (learned intermediate time; r=0.5 without a predictor)"
@@ -79,7 +76,6 @@ class AMED(Solver):
             self.base = get_solver(self.base)
         if self.base is not None and self.base.name not in PLUGIN_BASES:
             raise ValueError(f"amed: base solver must be one of {', '.join(PLUGIN_BASES)}, got {self.base.name!r}")
-        self._tap: Optional[FeatureTap] = None
 
     def num_evals(self, num_steps: int, afs: bool = False, denoise_to_zero: bool = False) -> int:
         return super().num_evals(num_steps, afs, denoise_to_zero) - int(self.plain_first)
@@ -100,46 +96,24 @@ class AMED(Solver):
     def interleaves(self) -> bool:
         return self.base is not None and self.base.evals_per_step == 1
 
-    @contextmanager
-    def attach(self, denoiser):
-        if self.predictor is None:
-            yield
-            return
-        with FeatureTap(denoiser, self.predictor.feature_source, self.predictor.feature_dim) as tap:
-            self._tap = tap
-            try:
-                yield
-            finally:
-                self._tap = None
-
     def init_state(self):
         return (self.base.init_state(), None) if self.interleaves else None
 
-    def _evaluate_with_features(self, evaluate, x, sigma):
-        if self._tap is not None:
-            self._tap.clear()
-        return evaluate(x, sigma)
-
-    def intermediate(self, x, denoised, sigma, sigma_next):
-        """``(r, s_dir, s_time)``: floats without a predictor, else per-sample (batch, 1, ...) tensors."""
-        if self.predictor is None:
-            return self.r, 1.0, 1.0
-        if self._tap is None:
-            raise RuntimeError("an AMED solver with a predictor reads the model's features: sample with "
-                               "diffsampler.sample(...) or inside `with solver.attach(denoiser):`")
-        r, scale_dir, scale_time = self.predictor(self._tap.take(x, denoised), sigma, sigma_next)
-        view = (-1,) + (1,) * (x.ndim - 1)
-        return tuple(v.to(x.dtype).reshape(view) for v in (r, scale_dir, scale_time))
+    def intermediate(self, evaluate, x, denoised, sigma, sigma_next):
+        """``(r, s_dir, s_time)`` of a step from ``(x, sigma)`` (``denoised``: the model's estimate
+        there, just made by ``evaluate``): the fixed ``r`` and no scales here; the learned sampler
+        returns per-sample (batch, 1, ...) tensors from its predictor."""
+        return self.r, 1.0, 1.0
 
     def step(self, evaluate, x, i, sigmas, state):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         plain = self.plain_first and i == 0
         if not self.interleaves:
-            denoised = self._evaluate_with_features(evaluate, x, sigma)
+            denoised = evaluate(x, sigma)
             d = (x - denoised) / sigma
             if plain:
                 return x + (sigma_next - sigma) * d, denoised, state
-            r, scale_dir, scale_time = self.intermediate(x, denoised, sigma, sigma_next)
+            r, scale_dir, scale_time = self.intermediate(evaluate, x, denoised, sigma, sigma_next)
             mid_weight = 1.0 if self.base is None else 1 / (2 * r)
             x_next = midpoint_step(evaluate, x, d, sigma, sigma_next, r, mid_weight, scale_dir, scale_time)
             return x_next, denoised, state
@@ -151,8 +125,8 @@ class AMED(Solver):
         if plain:
             x_next, denoised, base_state = self.base.step(evaluate, x, 0, tuple(fine), base_state)
             return x_next, denoised, (base_state, fine)
-        denoised = self._evaluate_with_features(evaluate, x, sigma)
-        r, scale_dir, scale_time = self.intermediate(x, denoised, sigma, sigma_next)
+        denoised = evaluate(x, sigma)
+        r, scale_dir, scale_time = self.intermediate(evaluate, x, denoised, sigma, sigma_next)
         fine = fine[:at + 1] + [sigma ** (1 - r) * sigma_next ** r] + fine[at + 2:]
         grid = tuple(fine)
         x_mid, _, base_state = self.base.step(_Replay(evaluate, denoised), x, at, grid, base_state)

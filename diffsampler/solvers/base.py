@@ -21,9 +21,8 @@ denoise-to-zero adds one final evaluation at ``sigma_min``.  A grid of ``num_ste
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, ContextManager, Dict, List, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -45,13 +44,13 @@ class Solver:
         """Nominal global order of convergence with these options."""
         raise NotImplementedError
 
+    @property
+    def label(self) -> str:
+        """How messages name this solver with its options (AMED-Plugin: ``amed-plugin:ipndm``)."""
+        return self.name
+
     def init_state(self) -> Any:
         return None
-
-    def attach(self, denoiser) -> ContextManager:
-        """Context entered around a sampling run on ``denoiser``; solvers that read the model's
-        internals (AMED's bottleneck features) install their hooks here."""
-        return nullcontext()
 
     def step(self, evaluate: Evaluate, x: torch.Tensor, i: int, sigmas: Sequence[float],
              state: Any) -> Tuple[torch.Tensor, torch.Tensor, Any]:

@@ -2,7 +2,7 @@
 
 Example (the bundled Fashion-MNIST model; see ``checkpoints/fashion-mnist/CARD.md``)::
 
-    python -m diffsampler.models.train --dataset fashion-mnist --steps 3600 --batch 128 \
+    diffsampler train model --dataset fashion-mnist --steps 3600 --batch 128 \
         --out checkpoints/fashion-mnist --minutes 70
 
 Training objective (EDM, Karras et al. 2022): draw ``ln(sigma) ~ N(P_mean, P_std^2)``
@@ -31,7 +31,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -43,8 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import DATASETS, FASHION_MNIST_CLASSES, load_dataset
-from .edm import EDMDenoiser, VPPrecond, loss_weight
-from .unet import UNet, UNetConfig, count_parameters
+from ..fileio import save_torch_atomic, write_atomic
+from ..models.edm import EDMDenoiser, VPPrecond, loss_weight
+from ..models.unet import UNet, UNetConfig, count_parameters
 
 STATE_FILE = "train_state.pt"
 WEIGHTS_FILE = "model.safetensors"
@@ -146,21 +146,6 @@ def one_hot_with_dropout(labels: torch.Tensor, num_classes: int, p: float, gener
 # --------------------------------------------------------------------------------------------
 # saving
 # --------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def export_model(net: torch.nn.Module, out: Path, meta: Dict, dtype: str = "float16") -> Path:
     """Write ``model.safetensors`` (weights cast to ``dtype``) and ``config.json`` atomically."""
     from safetensors.torch import save
@@ -169,11 +154,11 @@ def export_model(net: torch.nn.Module, out: Path, meta: Dict, dtype: str = "floa
     tdtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     tensors = {k: v.detach().to("cpu", tdtype).contiguous() for k, v in net.state_dict().items()}
     blob = save(tensors, metadata={"format": FORMAT})
-    _atomic_write_bytes(out / WEIGHTS_FILE, blob)
+    write_atomic(out / WEIGHTS_FILE, blob)
     meta = dict(meta)
     meta["weights_dtype"] = dtype
     meta["weights_sha256"] = hashlib.sha256(blob).hexdigest()
-    _atomic_write_bytes(out / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    write_atomic(out / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return out / WEIGHTS_FILE
 
 
@@ -283,7 +268,7 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
         }
 
     def save_state(seconds: float) -> None:
-        _atomic_torch_save(
+        save_torch_atomic(
             {
                 "step": step, "elapsed": seconds, "losses": losses,
                 "net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
@@ -370,7 +355,7 @@ def _tuple_of_ints(s: str) -> Tuple[int, ...]:
 
 def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m diffsampler.models.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="diffsampler train model", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default=d.dataset, choices=sorted(DATASETS))
     p.add_argument("--out", default=None, help="output folder (default checkpoints/<dataset>)")
     p.add_argument("--steps", type=int, default=d.steps)

@@ -25,7 +25,7 @@ from typing import Union
 
 import torch
 
-from .edm_pickle import (FORMAT_VERSION, SOURCE_MODULE_PREFIX, _PERSISTENT, _reconstruct_persistent_obj,
+from diffsampler.models.edm_pickle import (FORMAT_VERSION, SOURCE_MODULE_PREFIX, _PERSISTENT, _reconstruct_persistent_obj,
                          edm_shims)
 
 PROTOCOL = 4

@@ -1,0 +1,46 @@
+"""Learned samplers: a few numbers trained against a teacher that change how a base solver walks
+its grid (protocol: :mod:`.base`; training: :mod:`.distill`; one file per method).
+
+    learned = learn("amed", denoiser, shape, nfe=5, solver="ipndm")
+    learned.save("amed-ipndm5.pt"); learned = load_learned("amed-ipndm5.pt")
+    result = sample(denoiser, noise, learned=learned)              # result.nfe == 5
+
+Methods: ``amed`` (learned intermediate times).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..models.identity import guidance_scale, model_fingerprint
+from . import amed  # noqa: F401  (registration)
+from .base import LearnedSampler
+from .distill import TRAIN_SEEDS, VAL_SEEDS, distill
+from .registry import LEARNED, learned_class, load_learned, register_learned
+
+__all__ = ["learn", "load_learned", "distill", "LearnedSampler", "LEARNED", "register_learned"]
+
+
+def learn(method: str, denoiser, shape: Optional[Sequence[int]] = None, nfe: Optional[int] = None, solver=None, *,
+          cond=None, model_name: Optional[str] = None, teacher: Optional[str] = None,
+          teacher_options: Optional[dict] = None, M: Optional[int] = None, batch: int = 32, iters: Optional[int] = None,
+          train_images: Optional[int] = None, lr: Optional[float] = None, first_seed: int = TRAIN_SEEDS,
+          val_images: int = 64, val_seed: int = VAL_SEEDS, val_every: Optional[int] = None, loss: str = "l2",
+          through: bool = False, dtype=torch.float32, device="cpu", progress: bool = False, log=None,
+          **options) -> LearnedSampler:
+    """Train learned sampler ``method`` at ``nfe`` on ``denoiser`` (any Denoiser or plain callable
+    with ``shape``); ``solver`` is its base solver; ``options`` are the method's own (see its
+    ``create``), the rest are :func:`~.distill.distill`'s.  ``cond`` maps a list of seeds to that
+    batch's conditioning (e.g. random class labels)."""
+    cls = learned_class(method)
+    shape = tuple(shape if shape is not None else denoiser.shape)
+    sampler = cls.create(denoiser, shape, nfe=nfe, solver=solver if solver is not None else cls.default_solver,
+                         cond=cond, first_seed=first_seed, dtype=dtype, device=device, **options)
+    sampler.settings.update({"method": method, "model": model_name, "model_fingerprint": model_fingerprint(denoiser),
+                             "shape": list(shape), "guidance": guidance_scale(denoiser)})
+    return distill(sampler, denoiser, shape, cond=cond, teacher=teacher, teacher_options=teacher_options, M=M,
+                   batch=batch, iters=iters if iters is not None else cls.default_iters, train_images=train_images,
+                   lr=lr if lr is not None else cls.default_lr, first_seed=first_seed, val_images=val_images,
+                   val_seed=val_seed, val_every=val_every, loss=loss, through=through, dtype=dtype, device=device,
+                   progress=progress, log=log)

@@ -1,0 +1,240 @@
+"""One distillation routine for every learned sampler (data-free: only noise and the model).
+
+    sampler = distill(sampler, denoiser, shape, iters=40, batch=32)
+
+1. **Teacher.** The teacher solver (the sampler's default, e.g. DPM-Solver++; ``teacher=``) solves
+   the ODE for fresh training seeds on the student's grid refined with ``M`` points per student
+   step (uniform in log sigma; by default enough for the method's minimum number of teacher
+   steps), without gradients.  It keeps its state at the end of every student step (methods on a
+   fixed grid, ``targets="steps"``) or only its final sample (methods that move the grid,
+   ``targets="endpoint"``).  Training seeds start at ``first_seed`` (1,000,000 by default, far
+   from the seeds images are usually drawn with); each iteration takes the next ``batch`` of them,
+   cycling through ``train_images`` (default ``iters * batch``: every batch fresh), and the teacher
+   result of a batch is computed once.
+2. **Student.** The sampler's plan runs through the one sampling loop
+   (:func:`diffsampler.sampling.integrate`) with gradients on.  The loss is the batch mean of the
+   distance (``loss="l2"``: per-sample Euclidean norm; ``"l1"``: mean absolute difference) between
+   the student and the teacher at every target; with step targets the state is detached between
+   steps (each step's loss reaches the parameters through that step only) unless ``through=True``.
+   Adam updates the sampler's parameters once per batch; the model's own parameters are frozen
+   during training and restored afterwards.
+3. **Validation.** Held-out seeds (``val_images`` from ``val_seed``, disjoint from the training
+   seeds) measure the endpoint RMSE to the teacher before training (the neutral parameters, i.e.
+   the base solver) and every ``val_every`` iterations; the best iterate is what is returned, so
+   training never returns a sampler worse on these seeds than its base.
+4. **Scale-out.** Under torchrun (a process group of several ranks) every batch's seeds are split
+   across ranks, each rank runs its share of teacher and student, and DistributedDataParallel
+   averages the gradients; validation sums over ranks.  Rank 0 shows a progress bar with the loss.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..distributed import rank_and_world
+from ..models.base import Denoiser, work_dtype
+from ..plan import make_plan
+from ..sampling import evaluator_for, integrate, sample
+from ..seeds import seed_noise
+from .base import LearnedSampler
+
+TRAIN_SEEDS = 1_000_000
+VAL_SEEDS = 2_000_000
+LOSSES = ("l2", "l1")
+
+
+def refine(sigmas: Sequence[float], extra: int) -> List[float]:
+    """The teacher grid: ``extra`` points inserted uniformly in log sigma inside every interval."""
+    fine = []
+    for a, b in zip(sigmas[:-1], sigmas[1:]):
+        fine += [math.exp(math.log(a) + (math.log(b) - math.log(a)) * k / (extra + 1)) for k in range(extra + 1)]
+    return fine + [float(sigmas[-1])]
+
+
+def teacher_points(student_steps: int, min_teacher_steps: int = 8) -> int:
+    """Default M: the fewest extra points per student step (at least 1) that give the teacher at
+    least ``min_teacher_steps`` steps.  (With M = 1 a 2-step AMED student had a 4-step teacher,
+    less accurate than the students it should teach: measured on the bundled model.)"""
+    return max(1, math.ceil(min_teacher_steps / student_steps) - 1)
+
+
+def distance(x: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    diff = (x - target.to(x.dtype)).flatten(1)
+    return diff.norm(dim=1).mean() if loss == "l2" else diff.abs().mean()
+
+
+def rmse(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample RMSE, summed over the batch (callers divide by the count)."""
+    return (x - target.to(x.dtype)).flatten(1).pow(2).mean(1).sqrt().sum()
+
+
+class StudentPass(nn.Module):
+    """The student's run on a batch as a module (so DistributedDataParallel can average its
+    gradients): ``forward(noise, cond, targets) -> (loss to back-propagate, mean loss per target)``."""
+
+    def __init__(self, sampler: LearnedSampler, denoiser, shape, loss: str, truncate: bool):
+        super().__init__()
+        self.sampler = sampler
+        object.__setattr__(self, "_model", (denoiser, tuple(shape)))     # not a submodule: never synced
+        self.loss, self.truncate = loss, truncate
+
+    def forward(self, noise, cond, targets):
+        denoiser, shape = self._model
+        plan = self.sampler.plan(denoiser, shape, differentiable=True)
+        losses = []
+
+        def on_step(info):
+            if self.sampler.targets == "steps":
+                losses.append(distance(info.x_next, targets[info.index], self.loss))
+
+        with evaluator_for(plan, denoiser, noise, cond) as evaluate:
+            x = noise.to(evaluate.work_dtype) * plan.sigmas[0]
+            x = integrate(plan, evaluate, x, callback=on_step, truncate=self.truncate)
+        if self.sampler.targets == "endpoint":
+            losses.append(distance(x, targets[-1], self.loss))
+        total = sum(losses)
+        return total, total.detach() / len(losses)
+
+
+def distill(sampler: LearnedSampler, denoiser, shape: Optional[Sequence[int]] = None, *,
+            cond: Optional[Callable[[List[int]], Dict[str, Any]]] = None, teacher: Optional[str] = None,
+            teacher_options: Optional[dict] = None, M: Optional[int] = None, batch: int = 32, iters: int = 40,
+            train_images: Optional[int] = None, lr: float = 1e-2, first_seed: int = TRAIN_SEEDS,
+            val_images: int = 64, val_seed: int = VAL_SEEDS, val_every: Optional[int] = None, loss: str = "l2",
+            through: bool = False, dtype=torch.float32, device="cpu", progress: bool = False,
+            log: Optional[Callable[[int, float], None]] = None) -> LearnedSampler:
+    """Train ``sampler`` against a teacher on ``denoiser`` (see the module docstring); returns it
+    with the best validated parameters, its ``settings`` updated with how it was trained."""
+    shape = tuple(shape if shape is not None else denoiser.shape)
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
+    if iters < 1 or batch < 1 or val_images < 0 or (M is not None and M < 0):
+        raise ValueError(f"need iters >= 1, batch >= 1, val_images >= 0 and M >= 0; got iters={iters}, "
+                         f"batch={batch}, val_images={val_images}, M={M}")
+    train_images = iters * batch if train_images is None else int(train_images)
+    if train_images < batch:
+        raise ValueError(f"train_images ({train_images}) must be at least one batch ({batch})")
+    rank, world = rank_and_world()
+    if world > batch:
+        raise ValueError(f"{world} processes need a batch of at least {world} seeds, got {batch}")
+    grid = sampler.grid()
+    M = teacher_points(len(grid) - 1, sampler.min_teacher_steps) if M is None else M
+    teacher = teacher or sampler.default_teacher
+    teacher_plan = make_plan(teacher, sigmas=refine(grid, M), model=denoiser, **(teacher_options or {}))
+    every = M + 1
+
+    def teacher_run(seeds):
+        noise = seed_noise(seeds, shape, dtype=dtype, device=device)
+        batch_cond = cond(seeds) if cond is not None else None
+        states = []
+        record = (lambda info: states.append(info.x_next) if (info.index + 1) % every == 0 else None) \
+            if sampler.targets == "steps" else None
+        with torch.inference_mode():
+            final = sample(denoiser, noise, plan=teacher_plan, cond=batch_cond, callback=record).samples
+        targets = [s.clone() for s in states] if states else [final.to(work_dtype(torch.device(device))).clone()]
+        return noise, batch_cond, targets
+
+    batches = [list(range(first_seed + k, first_seed + min(k + batch, train_images)))
+               for k in range(0, train_images - batch + 1, batch)]
+    cache: Dict[int, Tuple] = {}
+    val_seeds = list(range(val_seed, val_seed + val_images))[rank::world]
+    val_set = [teacher_run(val_seeds[k:k + batch]) for k in range(0, len(val_seeds), batch)]
+    val_every = val_every or max(1, iters // 4)
+
+    pass_module = StudentPass(sampler, denoiser, shape, loss, truncate=sampler.targets == "steps" and not through)
+    frozen = [(p, p.requires_grad) for p in _model_parameters(denoiser)]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    runner = pass_module
+    if world > 1:
+        runner = nn.parallel.DistributedDataParallel(pass_module, find_unused_parameters=True)
+    optimizer = torch.optim.Adam([p for p in sampler.parameters() if p.requires_grad], lr=lr)
+    losses, history = [], []
+    best = (float("inf"), -1, None)
+    t0 = time.perf_counter()
+    iterator = range(iters)
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+        iterator = tqdm(iterator, desc=f"{sampler.method} NFE {sampler.nfe}", unit="batch")
+    try:
+        for it in range(iters + 1):
+            if it % val_every == 0 or it == iters:
+                value = _validate(sampler, denoiser, shape, val_set)
+                history.append([it, value])
+                if value < best[0]:
+                    best = (value, it, copy.deepcopy(sampler.state_dict()))
+            if it == iters:
+                break
+            k = it % len(batches)
+            if k not in cache:
+                cache[k] = teacher_run(batches[k][rank::world])
+            noise, batch_cond, targets = cache[k]
+            total, mean = runner(noise, batch_cond, targets)
+            if total.requires_grad:
+                total.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = float(_all_reduce_mean(mean))
+            losses.append(value)
+            if progress and rank == 0:
+                iterator.update(1)
+                iterator.set_postfix(loss=f"{value:.4f}", val=f"{best[0]:.4f}")
+            if log is not None:
+                log(it, value)
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        if progress and rank == 0:
+            iterator.close()
+    if best[2] is not None:
+        sampler.load_state_dict(best[2])
+    tail = losses[-max(1, len(losses) // 5):]
+    sampler.settings.update({
+        "teacher": teacher, "teacher_options": dict(teacher_options or {}), "M": M, "loss": loss,
+        "through": bool(through), "batch": batch, "iters": iters, "lr": lr, "first_seed": first_seed,
+        "train_images": train_images, "val_seed": val_seed, "val_images": val_images, "processes": world,
+        "train_seconds": time.perf_counter() - t0, "final_loss": sum(tail) / len(tail), "losses": losses,
+        "validation": history, "best_iteration": best[1], "diffsampler_version": __version__})
+    return sampler.eval()
+
+
+def _model_parameters(denoiser) -> List[nn.Parameter]:
+    net = denoiser if isinstance(denoiser, nn.Module) else denoiser.network if isinstance(denoiser, Denoiser) else None
+    return list(net.parameters()) if net is not None else []
+
+
+@torch.no_grad()
+def _validate(sampler: LearnedSampler, denoiser, shape, val_set) -> float:
+    """Mean endpoint RMSE of the sampler against the teacher on the validation seeds (all ranks)."""
+    if not val_set:
+        return float("nan")
+    plan = sampler.plan(denoiser, shape)
+    total = torch.zeros((), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    for noise, batch_cond, targets in val_set:
+        if noise.shape[0] == 0:
+            continue
+        out = sample(denoiser, noise, plan=plan, cond=batch_cond).samples
+        total += rmse(out.to(torch.float64), targets[-1].to(torch.float64)).cpu()
+        count += noise.shape[0]
+    total, count = _all_reduce_sum(total), _all_reduce_sum(count)
+    return float(total / count)
+
+
+def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if rank_and_world()[1] > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+    return value
+
+
+def _all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    value = value.detach().to(torch.float64).cpu()
+    world = rank_and_world()[1]
+    return _all_reduce_sum(value) / world
