@@ -17,8 +17,9 @@ What a request may say, and how it is resolved:
   own) with ``nfe`` model evaluations or ``steps`` steps over ``[sigma_min, sigma_max]`` (default:
   the model's range).  ``default_nfe`` is what callers with a default use when nothing fixes the
   grid (the CLI's 10, ``pipelines.run``'s 5).
-* **learned**: a learned sampler (:mod:`diffsampler.learned`) or its file brings its own solver,
-  grid and AFS setting; a conflicting request is refused with a message.
+* **learned**: a learned sampler (:mod:`diffsampler.learned`; ``load_learned(path)`` reads its file)
+  brings its own solver, grid and AFS setting through its ``plan()``; a conflicting request is
+  refused with a message.
 
 The NFE of a plan is the solver's documented rule (:mod:`diffsampler.solvers.base`); the loop
 measures the real count at the model and the tests check they agree.  ``plan.record`` is a
@@ -28,6 +29,8 @@ whether a rerun may reuse their images).
 from __future__ import annotations
 
 import dataclasses
+import os
+import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -57,7 +60,7 @@ class Plan:
     @property
     def reads(self) -> Optional[str]:
         """What the step rule reads from the model besides its output (a feature module), or None."""
-        return getattr(self.learned, "reads", None)
+        return self.learned.reads if self.learned is not None else None
 
     def sigma_tensor(self):
         import torch
@@ -77,7 +80,8 @@ def _schedule_record(schedule, schedule_options) -> Any:
     if isinstance(schedule, schedules_module.Schedule):
         return {"file": dict(schedule.info)}
     if callable(schedule):
-        return {"function": getattr(schedule, "__name__", "custom"), "options": dict(schedule_options or {})}
+        return {"function": schedule.__qualname__ if isinstance(schedule, types.FunctionType) else "custom",
+                "options": dict(schedule_options or {})}
     name = schedules_module.SCHEDULE_ALIASES.get(str(schedule), str(schedule))
     return {"name": name, "options": dict(schedule_options or {})}
 
@@ -86,7 +90,7 @@ def make_plan(solver=None, nfe: Optional[int] = None, schedule=None, *, sigmas: 
               schedule_options: Optional[dict] = None, sigma_min: Optional[float] = None,
               sigma_max: Optional[float] = None, afs: Optional[bool] = None, denoise_to_zero: bool = False,
               steps: Optional[int] = None, learned=None, model=None, shape: Optional[Sequence[int]] = None,
-              default_nfe: Optional[int] = None, device=None, **solver_options) -> Plan:
+              default_nfe: Optional[int] = None, **solver_options) -> Plan:
     """The :class:`Plan` for a request (see the module docstring for what each argument means).
 
     ``model`` (a denoiser) supplies the default sigma range and the sample shape that schedule
@@ -95,7 +99,7 @@ def make_plan(solver=None, nfe: Optional[int] = None, schedule=None, *, sigmas: 
         shape = model.shape
     if learned is not None:
         return _learned_plan(learned, model, shape, solver, nfe, schedule, sigmas, schedule_options, sigma_min,
-                             sigma_max, afs, denoise_to_zero, steps, solver_options, device)
+                             sigma_max, afs, denoise_to_zero, steps, solver_options)
     solver = get_solver(DEFAULT_SOLVER if solver is None else solver, **solver_options)
     if nfe is not None and steps is not None:
         raise ValueError("give nfe= (model evaluations) or steps= (solver steps), not both")
@@ -151,11 +155,9 @@ def make_plan(solver=None, nfe: Optional[int] = None, schedule=None, *, sigmas: 
 
 
 def _learned_plan(learned, model, shape, solver, nfe, schedule, sigmas, schedule_options, sigma_min, sigma_max,
-                  afs, denoise_to_zero, steps, solver_options, device) -> Plan:
-    from .learned import load_learned
-    from .learned.base import LearnedSampler
-    if not isinstance(learned, LearnedSampler):
-        learned = load_learned(learned, device=device or "cpu")
+                  afs, denoise_to_zero, steps, solver_options) -> Plan:
+    if isinstance(learned, (str, os.PathLike)):
+        raise TypeError("make_plan takes a loaded learned sampler: diffsampler.load_learned(path) reads its file")
     fixes = {"solver options": bool(solver_options), "schedule_options": bool(schedule_options),
              "sigma_min": sigma_min is not None, "sigma_max": sigma_max is not None,
              "denoise_to_zero": bool(denoise_to_zero), "steps": steps is not None}

@@ -12,7 +12,7 @@
    cycling through ``train_images`` (default ``iters * batch``: every batch fresh), and the teacher
    result of a batch is computed once.
 2. **Student.** The sampler's plan runs through the one sampling loop
-   (:func:`diffsampler.sampling.integrate`) with gradients on.  The loss is the batch mean of the
+   (:func:`diffsampler.loop.integrate`) with gradients on.  The loss is the batch mean of the
    distance (``loss="l2"``: per-sample Euclidean norm; ``"l1"``: mean absolute difference) between
    the student and the teacher at every target; with step targets the state is detached between
    steps (each step's loss reaches the parameters through that step only) unless ``through=True``.
@@ -40,7 +40,7 @@ from .. import __version__
 from ..distributed import rank_and_world
 from ..models.base import Denoiser, work_dtype
 from ..plan import make_plan
-from ..sampling import evaluator_for, integrate, sample
+from ..loop import evaluator_for, integrate, run_plan
 from ..seeds import seed_noise
 from .base import LearnedSampler
 
@@ -136,7 +136,7 @@ def distill(sampler: LearnedSampler, denoiser, shape: Optional[Sequence[int]] = 
         record = (lambda info: states.append(info.x_next) if (info.index + 1) % every == 0 else None) \
             if sampler.targets == "steps" else None
         with torch.inference_mode():
-            final = sample(denoiser, noise, plan=teacher_plan, cond=batch_cond, callback=record).samples
+            final = run_plan(teacher_plan, denoiser, noise, cond=batch_cond, callback=record).samples
         targets = [s.clone() for s in states] if states else [final.to(work_dtype(torch.device(device))).clone()]
         return noise, batch_cond, targets
 
@@ -220,7 +220,7 @@ def _validate(sampler: LearnedSampler, denoiser, shape, val_set) -> float:
     for noise, batch_cond, targets in val_set:
         if noise.shape[0] == 0:
             continue
-        out = sample(denoiser, noise, plan=plan, cond=batch_cond).samples
+        out = run_plan(plan, denoiser, noise, cond=batch_cond).samples
         total += rmse(out.to(torch.float64), targets[-1].to(torch.float64)).cpu()
         count += noise.shape[0]
     total, count = _all_reduce_sum(total), _all_reduce_sum(count)
