@@ -19,8 +19,8 @@ Sections:
   (``--images``) and RMSE to a converged sample of the same seed (Heun NFE 160, cached), and the
   training time of every predictor on this CPU.  Written after every row; a rerun resumes.
 
-    python evaluation/amed_benchmark.py --analytic
-    python evaluation/amed_benchmark.py --bundled --images 1000
+    python -m evaluation.amed_benchmark --analytic
+    python -m evaluation.amed_benchmark --bundled --images 1000
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import argparse
 import datetime as _dt
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -41,9 +40,8 @@ from diffsampler.models.specs import load_model
 from diffsampler.seeds import seed_noise
 from diffsampler.solvers import get_solver
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from endpoint_error import reference, rmse_per_seed  # noqa: E402
+from evaluation.common import (HERE, bundled_model, converged, exact_endpoints, features, fid_of, labels_cond,
+                               paired_fid_difference, rmse_per_seed, score)
 
 NFES = (3, 4, 5, 6)
 BASES = ("dpm2", "ipndm", "dpmpp")
@@ -86,7 +84,7 @@ def runs(model, nfe, warm=None, cond=None, log=print, done=()):
 
 def analytic_section(spec, seeds, log):
     model = load_model(spec)
-    ref, _ = reference(model, spec, seeds, 1e-9, 64, HERE / ".cache")
+    ref, _ = exact_endpoints(model, spec, 0, seeds)
     noise = seed_noise(range(seeds), model.shape, dtype=torch.float64)
     warm = gits.warm_up(model, model.shape, warmup=256, first_seed=GITS_SEED, dtype=torch.float64, keep_endpoints=True)
     rows = {}
@@ -100,7 +98,6 @@ def analytic_section(spec, seeds, log):
 
 def bundled_section(images, log, rows, save, gits_too=True, nfes=NFES):
     """Fills ``rows`` (resuming the rows already there) and calls ``save()`` after each one."""
-    from bundled import bundled_model, converged, labels_cond, score
     model = bundled_model()
     cond = labels_cond(model)
     seeds = list(range(256))
@@ -131,7 +128,6 @@ def fid_check_section(nfe, images, log, rows):
     """FID on ``images`` images of each AMED student against its base at one NFE, paired (same
     seeds) with a bootstrap of the difference: the 500-image table's claims at a size where FID
     noise is ~0.1.  Odd NFEs use the plain first step.  Fills ``rows`` (resumes)."""
-    from bundled import bundled_model, features, fid_of, labels_cond, paired_fid_difference
     model = bundled_model()
     cond = labels_cond(model)
     plain_first = nfe % 2 == 1

@@ -13,8 +13,8 @@ batch 64 and on a small neural denoiser (the bundled Fashion-MNIST U-Net if it l
 same architecture with random weights) and reports the time outside the model per step as a
 percentage of one model call.
 
-    python evaluation/endpoint_error.py                 # full run (256 seeds, both models)
-    python evaluation/endpoint_error.py --seeds 32 --no-overhead --out /tmp/ee   # quick check
+    python -m evaluation.endpoint_error                 # full run (256 seeds, both models)
+    python -m evaluation.endpoint_error --seeds 32 --no-overhead --out /tmp/ee   # quick check
 """
 from __future__ import annotations
 
@@ -37,11 +37,9 @@ import torch
 import diffsampler
 from diffsampler import SOLVERS, get_solver, sample
 from diffsampler import schedules as schedules_module
-from diffsampler.models.specs import load_model
-from diffsampler.reference import solve_ode
 from diffsampler.seeds import seed_noise
+from evaluation.common import HERE, exact_endpoints, load_model, rmse_per_seed, slug
 
-HERE = Path(__file__).resolve().parent
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 NFES = list(range(3, 11))
 DEFAULT_MODELS = "gmm:digits,gmm:synthetic:16:3x32x32:0"
@@ -134,41 +132,6 @@ def row_label(cfg: Dict[str, object]) -> str:
 # ------------------------------------------------------------------------------------------------
 # reference endpoints
 # ------------------------------------------------------------------------------------------------
-def slug(spec: str) -> str:
-    return spec.replace(":", "-").replace("/", "_")
-
-
-def reference_chunk(model, spec: str, start: int, stop: int, tol: float, cache_dir: Path) -> Tuple[torch.Tensor, float]:
-    """Exact endpoints for seeds start..stop-1, from cache or solved now; returns (x, seconds to solve)."""
-    path = cache_dir / f"ref_{slug(spec)}_tol{tol:g}_seeds{start}-{stop - 1}.pt"
-    if path.is_file():
-        blob = torch.load(path)
-        if blob.get("spec") == spec and blob.get("tol") == tol and blob.get("seeds") == [start, stop]:
-            return blob["x"], float(blob["seconds"])
-    noise = seed_noise(range(start, stop), model.shape, dtype=torch.float64)
-    t0 = time.perf_counter()
-    x = solve_ode(model, noise * SIGMA_MAX, SIGMA_MAX, SIGMA_MIN, tol=tol)
-    seconds = time.perf_counter() - t0
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"spec": spec, "tol": tol, "seeds": [start, stop], "x": x, "seconds": seconds}, tmp)
-    os.replace(tmp, path)
-    return x, seconds
-
-
-def reference(model, spec: str, seeds: int, tol: float, chunk: int, cache_dir: Path) -> Tuple[torch.Tensor, float]:
-    parts, seconds = [], 0.0
-    for start in range(0, seeds, chunk):
-        x, s = reference_chunk(model, spec, start, min(seeds, start + chunk), tol, cache_dir)
-        parts.append(x)
-        seconds += s
-    return torch.cat(parts), seconds
-
-
-def rmse_per_seed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.to(torch.float64) - b.to(torch.float64)).flatten(1).pow(2).mean(1).sqrt()
-
-
 def nearest_component(model, x: torch.Tensor) -> torch.Tensor:
     """Index of the mixture mean nearest to each sample (for gmm:digits: the training image it landed on)."""
     flat = x.reshape(x.shape[0], -1).to(torch.float64)
@@ -184,12 +147,12 @@ def evaluate_model(spec: str, args, log) -> Dict[str, object]:
     shape = tuple(model.shape)
     n = args.seeds
     log(f"[{spec}] shape {shape}, {model.means.shape[0]} components; reference tol={args.ref_tol:g}, chunks of {args.ref_chunk}")
-    ref, ref_seconds = reference(model, spec, n, args.ref_tol, args.ref_chunk, args.cache)
+    ref, ref_seconds = exact_endpoints(model, spec, 0, n, args.ref_tol, args.ref_chunk, args.cache)
     log(f"[{spec}] reference endpoints for {n} seeds: {ref_seconds:.1f} s of solving (cached)")
 
     # accuracy of the reference: same chunk solved with a 100x tighter tolerance
     check_n = min(n, args.ref_chunk)
-    tight, tight_seconds = reference_chunk(model, spec, 0, check_n, args.check_tol, args.cache)
+    tight, tight_seconds = exact_endpoints(model, spec, 0, check_n, args.check_tol, check_n, args.cache)
     diff = rmse_per_seed(ref[:check_n], tight)
     check = {"check_tol": args.check_tol, "seeds": [0, check_n - 1], "rmse_max": float(diff.max()),
              "rmse_mean": float(diff.mean()), "abs_max": float((ref[:check_n] - tight).abs().max()),
@@ -269,7 +232,7 @@ def neural_denoiser(log):
     except Exception as err:
         log(f"[overhead] load_bundled('fashion-mnist') failed ({type(err).__name__}: {err}); "
             "using the same U-Net architecture with random weights")
-        from diffsampler.models.train import TrainConfig, build_denoiser
+        from diffsampler.tools.train_unet import TrainConfig, build_denoiser
         model = build_denoiser(TrainConfig(), (1, 28, 28), 10)
         model.net.requires_grad_(False).eval()
         return model, {"name": "fashion-mnist U-Net architecture (TrainConfig defaults), random weights",
@@ -415,7 +378,7 @@ def _load(machine) -> str:
 def markdown(report) -> str:
     lines = ["# Endpoint error of the solvers", ""]
     meta = report["metadata"]
-    lines += [f"Generated by `python evaluation/endpoint_error.py` on {meta['date']} "
+    lines += [f"Generated by `python -m evaluation.endpoint_error` on {meta['date']} "
               f"({meta['machine']['platform']}, {meta['machine']['cpu_count']} CPUs, torch {meta['machine']['torch']}, "
               f"{meta['machine']['threads']} thread(s), load average {_load(meta['machine'])}); "
               f"{meta['seeds']} seeds per model, sigma {SIGMA_MAX:g} -> {SIGMA_MIN:g}.", "",

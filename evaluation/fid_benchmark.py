@@ -6,7 +6,7 @@ statistics of the 60,000 training images; it is not comparable with Inception FI
 plus the Heun NFE-35 reference point.  Also records throughput (images/s) of sampling and of
 feature extraction on this machine.
 
-    python evaluation/fid_benchmark.py --images 500        # the recorded run
+    python -m evaluation.fid_benchmark --images 500        # the recorded run
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import argparse
 import datetime as _dt
 import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
@@ -22,9 +21,7 @@ import torch
 import diffsampler
 from diffsampler import SOLVERS
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bundled import bundled_model, score  # noqa: E402
+from evaluation.common import HERE, bundled_model, score
 
 NFES = tuple(range(3, 11))
 

@@ -26,11 +26,11 @@ The bundled-model sections share one teacher run per metric set (cached in ``.ca
 of the same images accumulate in the report; runs made in parallel with their own ``--out`` fold in
 with ``--merge``.
 
-    python evaluation/gits_benchmark.py                       # analytic models
-    python evaluation/gits_benchmark.py --skip-endpoint --converged --fid --cost     # bundled model parts
-    python evaluation/gits_benchmark.py --skip-endpoint --fid --fid-solvers euler --fid-nfes 3-10 --out /tmp/e &
-    python evaluation/gits_benchmark.py --skip-endpoint --fid --fid-solvers dpmpp --fid-nfes 3-10 --out /tmp/d
-    python evaluation/gits_benchmark.py --skip-endpoint --merge /tmp/e/gits.json /tmp/d/gits.json
+    python -m evaluation.gits_benchmark                       # analytic models
+    python -m evaluation.gits_benchmark --skip-endpoint --converged --fid --cost     # bundled model parts
+    python -m evaluation.gits_benchmark --skip-endpoint --fid --fid-solvers euler --fid-nfes 3-10 --out /tmp/e &
+    python -m evaluation.gits_benchmark --skip-endpoint --fid --fid-solvers dpmpp --fid-nfes 3-10 --out /tmp/d
+    python -m evaluation.gits_benchmark --skip-endpoint --merge /tmp/e/gits.json /tmp/d/gits.json
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -54,9 +53,8 @@ from diffsampler.models.specs import load_model
 from diffsampler.schedules import polynomial
 from diffsampler.seeds import parse_ranges, seed_noise
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from endpoint_error import reference, rmse_per_seed  # noqa: E402  (shared cached ground truth)
+from evaluation.common import (HERE, bundled_model, converged, exact_endpoints, features, fid_of, labels_cond,
+                               paired_fid_difference, rmse_per_seed)
 
 SOLVERS = ("euler", "ipndm", "dpmpp", "unipc")
 NFES = tuple(range(3, 11))
@@ -71,7 +69,7 @@ BASES = ("polynomial", "logsnr")
 def endpoint_section(spec, seeds, warmup, settings, log):
     """Mean per-seed RMSE to the exact endpoint: polynomial and logSNR grids vs GITS (metric:coeff) grids."""
     model = load_model(spec)
-    ref, _ = reference(model, spec, seeds, 1e-9, 64, HERE / ".cache")
+    ref, _ = exact_endpoints(model, spec, 0, seeds)
     noise = seed_noise(range(seeds), model.shape, dtype=torch.float64)
     warmed = gits.warm_ups(model, model.shape, metrics=sorted({m for m, _ in settings}), warmup=warmup,
                            first_seed=WARMUP_FIRST_SEED, dtype=torch.float64)     # one teacher run for all
@@ -122,7 +120,6 @@ def bundled_warm_ups(model, cond, warmup, metrics, log, batch=128):
 
 def converged_reference(model, seeds, log):
     """ipndm at NFE 200 (polynomial rho=7) for seeds 0..seeds-1, checked against NFE 100 (cached)."""
-    from bundled import converged
     ref, half = (converged(model, seeds, "ipndm", nfe) for nfe in (CONVERGED_NFE, CONVERGED_NFE // 2))
     check = float(rmse_per_seed(half, ref).max())
     log(f"converged reference: ipndm NFE {CONVERGED_NFE} vs {CONVERGED_NFE // 2}: max per-seed RMSE {check:.2e}")
@@ -131,7 +128,6 @@ def converged_reference(model, seeds, log):
 
 def converged_section(seeds, warmup, settings, log):
     """Mean per-seed RMSE to a converged sample of the same noise and label: default vs GITS schedules."""
-    from bundled import bundled_model, labels_cond
     model = bundled_model()
     cond = labels_cond(model)
     ref, check = converged_reference(model, seeds, log)
@@ -160,7 +156,6 @@ def fid_section(images, warmup, log, solvers=SOLVERS, nfes=NFES, settings=(("l2"
     Same seeds for every configuration, so the paired bootstrap over images (same resampled
     indices for both) gives the spread of the FID *difference*; FIDs of disjoint ``subsets``-image
     slices show how noisy a small-sample FID is."""
-    from bundled import bundled_model, features, fid_of, labels_cond, paired_fid_difference
     model = bundled_model()
     warmed = bundled_warm_ups(model, labels_cond(model), warmup, sorted({m for m, _ in settings}), log)
     rows = {}
@@ -193,7 +188,6 @@ def cost_section(log, configs=((1, 128), (1, 256), (2, 256))):
     """Wall time of the whole search (NFE 5, 256 warm-up seeds) for (threads, teacher batch) settings.
 
     The machine is shared, so each run records the 1-minute load average before and after it."""
-    from bundled import bundled_model, labels_cond
     model = bundled_model()
     runs = []
     for threads, batch in configs:
