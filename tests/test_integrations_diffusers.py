@@ -3,8 +3,8 @@
 * ``pipe.scheduler = DiffSamplerScheduler.from_config(pipe.scheduler.config, solver=...)`` then
   ``pipe(..., num_inference_steps=NFE)`` gives the images ``pipelines.run(pipe, solver=..., nfe=NFE)``
   gives from the same latents (1e-5; float64 pixel models ~1e-14), on DDPMPipeline (every solver
-  name; epsilon, sample and v prediction), StableDiffusionPipeline (with CFG), SDXL and Flux (whose
-  pipeline passes its own sigmas and mu), and the network is called exactly NFE times;
+  name; epsilon, sample and v prediction), StableDiffusionPipeline (with CFG), SDXL, SD3 and Flux
+  (whose pipeline passes its own sigmas and mu), and the network is called exactly NFE times;
 * ``euler`` through it equals diffusers' own EulerDiscreteScheduler and FlowMatchEulerDiscreteScheduler
   on the same sigmas, and ``heun`` equals HeunDiscreteScheduler, repeated timesteps included;
 * a GITS schedule made by ``diffsampler schedule gits`` on a saved diffusers pipeline plugs into the
@@ -106,6 +106,21 @@ def test_sdxl(tok):
     assert len(counter.batches) == 5
     ours = pipelines.run(xl, "a cat", solver="unipc", nfe=5, guidance=5.0, latents=latents, output_type="latent")
     tiny.assert_close(theirs, ours.latents, "StableDiffusionXLPipeline + DiffSamplerScheduler(unipc) vs run", 1e-5)
+
+
+def test_sd3(tok):
+    """A flow model with a static shift: num_inference_steps is the NFE on the model's own range."""
+    sd3 = tiny.sd3_pipe(tok)
+    pipe = swapped(sd3, solver="unipc")
+    assert pipe.scheduler.config.prediction_type == "flow"
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    with tiny.CountForwards(pipe.transformer) as counter, torch.no_grad():
+        theirs = pipe("a cat", num_inference_steps=5, guidance_scale=4.0, latents=latents.clone(), height=16, width=16,
+                      output_type="latent", max_sequence_length=8).images
+    assert len(counter.batches) == 5 and set(counter.batches) == {2}
+    ours = pipelines.run(sd3, "a cat", solver="unipc", nfe=5, guidance=4.0, latents=latents, output_type="latent",
+                         prompt_options=dict(max_sequence_length=8))
+    tiny.assert_close(theirs, ours.latents, "StableDiffusion3Pipeline + DiffSamplerScheduler(unipc) vs run", 1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Tiny diffusers pipelines built from configs with random weights (nothing downloaded), for the
-integration tests: DDPM (pixel UNet), Stable Diffusion, SDXL (two CLIP encoders, text_time UNet)
-and Flux (CLIP + T5, packed-latent transformer with a guidance embedding), 16 x 16 images.
+integration tests: DDPM (pixel UNet), Stable Diffusion, SDXL (two CLIP encoders, text_time UNet),
+SD3 (flow transformer, static shift) and Flux (CLIP + T5, packed-latent transformer with a guidance embedding), 16 x 16 images.
 
 The tokenizer is a CLIP BPE tokenizer over single letters written to a temporary folder; it also
 serves as Flux's T5 tokenizer (any tokenizer that pads to ``max_sequence_length`` works there).
@@ -91,6 +91,21 @@ def sdxl_pipe(tok, dtype=torch.float32):
         vae=vae(scaling_factor=0.13025), text_encoder=transformers.CLIPTextModel(clip_config(tok)), tokenizer=tok,
         text_encoder_2=transformers.CLIPTextModelWithProjection(clip_config(tok, projection_dim=8)), tokenizer_2=tok,
         unet=unet, scheduler=sd_scheduler(), add_watermarker=False)
+    return quiet(pipe, dtype)
+
+
+def sd3_pipe(tok, dtype=torch.float32):
+    """SD3 in miniature: a flow transformer (static shift 3), two CLIP encoders, no T5."""
+    torch.manual_seed(3)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8)
+    config = clip_config(tok, projection_dim=8)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae(scaling_factor=1.5, shift_factor=0.1), text_encoder=transformers.CLIPTextModelWithProjection(config),
+        tokenizer=tok, text_encoder_2=transformers.CLIPTextModelWithProjection(config), tokenizer_2=tok,
+        text_encoder_3=None, tokenizer_3=None)
     return quiet(pipe, dtype)
 
 
