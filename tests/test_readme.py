@@ -2,6 +2,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from diffsampler import SOLVERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,3 +33,18 @@ def test_solver_table_matches_the_registry():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[2] == str(cls().order) and cells[3] == cls.nfe_rule(), row
         assert cells[4].startswith(cls.default_schedule), row
+
+
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+@pytest.mark.parametrize("index", range(len(python_blocks())))
+def test_every_python_block_runs_as_written(index, tmp_path, monkeypatch):
+    """Each Python block of the README runs as written; a block that needs what cannot exist
+    offline (a user's diffusers pipeline, ComfyUI) says so in its first line, ``# needs: ...``."""
+    block = python_blocks()[index]
+    if block.startswith("# needs:"):
+        pytest.skip(block.splitlines()[0])
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
