@@ -157,8 +157,8 @@ def run(job: SampleJob, progress: bool = True) -> Dict[str, Any]:
     made: Dict[int, np.ndarray] = {}
     bar = None
     if progress and rank == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(job.seeds), initial=len(job.seeds) - len(todo), unit="img", desc="sampling")
+        from .progress import bar as progress_bar
+        bar = progress_bar(total=len(job.seeds), initial=len(job.seeds) - len(todo), unit="img", desc="sampling")
     for k in range(0, len(mine), job.batch):
         chunk = mine[k:k + job.batch]
         noise = seed_noise(chunk, tuple(job.shape), dtype=job.dtype, device=job.device)

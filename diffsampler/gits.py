@@ -41,6 +41,7 @@ from . import __version__
 from . import schedules as schedules_module
 from .distributed import rank_and_world
 from .models.base import sigma_range
+from .models.identity import model_fingerprint
 from .sampling import sample
 from .seeds import seed_noise
 from .solvers import get_solver
@@ -57,13 +58,17 @@ class Teacher:
     directions: torch.Tensor
 
 
-def teacher_trajectories(denoiser, noise: torch.Tensor, sigmas, solver="ipndm", cond=None, **solver_options) -> Teacher:
-    """Run the teacher on the fine grid ``sigmas`` and record states and directions (float64)."""
+def teacher_trajectories(denoiser, noise: torch.Tensor, sigmas, solver="ipndm", cond=None, on_step=None,
+                         **solver_options) -> Teacher:
+    """Run the teacher on the fine grid ``sigmas`` and record states and directions (float64);
+    ``on_step()`` is called after every teacher step (progress)."""
     states, directions = [], []
 
     def record(step):
         states.append(step.x.to(torch.float64))
         directions.append(((step.x - step.denoised) / step.sigma).to(torch.float64))
+        if on_step is not None:
+            on_step()
 
     with torch.inference_mode():        # a few % faster than sample()'s no_grad on CPU (measured)
         result = sample(denoiser, noise, solver=solver, sigmas=sigmas, cond=cond, callback=record, **solver_options)
@@ -296,15 +301,16 @@ def warm_ups(denoiser, shape: Sequence[int], *, metrics: Sequence[str] = ("dev",
     cost_sums = {metric: torch.zeros(len(grid), len(grid), dtype=torch.float64) for metric in metrics}
     batches = [seeds[k:k + batch] for k in range(0, len(seeds), batch)]
     kept = []
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
-        iterator = tqdm(batches, desc="GITS warm-up", unit="batch")
-    for chunk in iterator:
+    ticks = None
+    if progress:                   # one tick per teacher step of every batch, so the ETA is live
+        from .progress import bar
+        ticks = bar(total=len(batches) * (len(grid) - 1), desc="GITS warm-up", unit="step")
+    for chunk in batches:
         noise = seed_noise(chunk, shape, dtype=dtype, device=device)
         batch_cond = cond(chunk) if cond is not None else None
         t0 = time.perf_counter()
-        traj = teacher_trajectories(denoiser, noise, grid, solver=teacher, cond=batch_cond, **(teacher_options or {}))
+        traj = teacher_trajectories(denoiser, noise, grid, solver=teacher, cond=batch_cond,
+                                    on_step=ticks.update if ticks is not None else None, **(teacher_options or {}))
         t1 = time.perf_counter()
         for metric in metrics:
             cost_sums[metric] += cost_matrix(traj.states, traj.directions, grid, metric=metric, reduction="sum").cpu()
@@ -312,8 +318,10 @@ def warm_ups(denoiser, shape: Sequence[int], *, metrics: Sequence[str] = ("dev",
         timings["cost_matrix_s"] += time.perf_counter() - t1
         if keep_endpoints:
             kept.append((noise, batch_cond, traj.states[-1]))
+    if ticks is not None:
+        ticks.close()
     count = _all_reduce(torch.tensor([float(len(seeds))], dtype=torch.float64))
-    settings = {"model": model_name, "shape": list(shape), "sigma_min": float(grid[-1]), "sigma_max": float(grid[0]),
+    settings = {"model": model_name, "model_fingerprint": model_fingerprint(denoiser), "shape": list(shape), "sigma_min": float(grid[-1]), "sigma_max": float(grid[0]),
                 "teacher": teacher, "teacher_steps": len(grid) - 1,
                 "base_schedule": base_schedule if isinstance(base_schedule, str) else "custom",
                 "base_options": dict(base_options or {}), "warmup": int(count.item()), "first_seed": first_seed,

@@ -161,8 +161,8 @@ def integrate(plan: Plan, evaluate: Evaluator, x: torch.Tensor, *, callback: Opt
     state = solver.init_state()
     steps = range(plan.steps)
     if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc=f"{solver.name} nfe={plan.nfe}", leave=False)
+        from .progress import bar
+        steps = bar(steps, desc=f"{solver.name} nfe={plan.nfe}", leave=False)
     for i in steps:
         evaluate.step = i
         step_evaluate = _FirstCallAnalytic(evaluate) if (plan.afs and i == 0) else evaluate

@@ -29,6 +29,7 @@ whether a rerun may reuse their images).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import types
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class Plan:
     nfe: int                             # model evaluations the solver's rule says it makes
     record: Mapping[str, Any] = field(default_factory=dict)   # how it was made (JSON-able)
     learned: Any = None                  # the learned sampler behind ``solver``, if any
+    warnings: Tuple[str, ...] = ()       # what the user should know about this request
 
     @property
     def steps(self) -> int:
@@ -83,7 +85,18 @@ def _schedule_record(schedule, schedule_options) -> Any:
         return {"function": schedule.__qualname__ if isinstance(schedule, types.FunctionType) else "custom",
                 "options": dict(schedule_options or {})}
     name = schedules_module.SCHEDULE_ALIASES.get(str(schedule), str(schedule))
-    return {"name": name, "options": dict(schedule_options or {})}
+    plain = (bool, int, float, str, type(None))
+    options = {**_keyword_defaults(schedules_module.SCHEDULES.get(name)), **(schedule_options or {})}
+    return {"name": name, "options": {k: (v if isinstance(v, plain) else "the model's own table")
+                                      for k, v in options.items()}}
+
+
+def _keyword_defaults(fn) -> Dict[str, Any]:
+    """The options a schedule function uses when not given (recorded, so the record is exact)."""
+    if fn is None:
+        return {}
+    params = list(inspect.signature(fn).parameters.values())[3:]
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
 def make_plan(solver=None, nfe: Optional[int] = None, schedule=None, *, sigmas: Optional[Sequence[float]] = None,
@@ -113,6 +126,7 @@ def make_plan(solver=None, nfe: Optional[int] = None, schedule=None, *, sigmas: 
         if schedule is None:
             schedule = solver.default_schedule
             schedule_options = {**solver.default_schedule_options, **(schedule_options or {})}
+        schedule_options = _with_model_table(schedule, schedule_options, model)
         fixed, schedule_fn = schedules_module.resolve(schedule, schedule_options)
         how = _schedule_record(fixed if fixed is not None else schedule, schedule_options)
         if fixed is not None:
@@ -151,7 +165,24 @@ def make_plan(solver=None, nfe: Optional[int] = None, schedule=None, *, sigmas: 
     record = {"solver": solver_record(solver), "schedule": how, "sigmas": list(sigma_list), "afs": afs,
               "denoise_to_zero": bool(denoise_to_zero), "nfe": expected, "steps": len(sigma_list) - 1,
               "learned": None}
-    return Plan(solver, sigma_list, afs, bool(denoise_to_zero), expected, record)
+    notes = []
+    if solver.evals_per_step > 1 and expected <= 4:
+        notes.append(f"{solver.name} makes {solver.evals_per_step} evaluations per step, so NFE {expected} is only "
+                     f"{len(sigma_list) - 1} step(s) and its last evaluation sits at sigma_min: at NFE <= 4 the "
+                     "one-evaluation solvers (unipc, dpmpp, ipndm) are far more accurate (evaluation/README.md)")
+    return Plan(solver, sigma_list, afs, bool(denoise_to_zero), expected, record, warnings=tuple(notes))
+
+
+def _with_model_table(schedule, schedule_options, model) -> Optional[dict]:
+    """The ``discrete`` schedule takes the model's own training timesteps unless given them."""
+    if not isinstance(schedule, str) or schedules_module.SCHEDULE_ALIASES.get(schedule, schedule) != "discrete" \
+            or "sigma_fn" in (schedule_options or {}):
+        return schedule_options
+    table = model.discrete_schedule() if isinstance(model, Denoiser) else None
+    if table is None:
+        raise ValueError("schedule 'discrete' takes the model's own integer training timesteps, and this model has "
+                         "none (it is a continuous-time model): use polynomial, logsnr, time_uniform or time_quadratic")
+    return {**table, **(schedule_options or {})}
 
 
 def _learned_plan(learned, model, shape, solver, nfe, schedule, sigmas, schedule_options, sigma_min, sigma_max,

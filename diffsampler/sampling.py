@@ -7,6 +7,7 @@ Sampling is inference: no gradients unless ``grad=True``.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
@@ -62,6 +63,8 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver=None, nfe: Optional[i
                          sigma_min=sigma_min, sigma_max=sigma_max, afs=afs, denoise_to_zero=denoise_to_zero,
                          steps=steps, learned=learned, model=denoiser, shape=tuple(noise.shape[1:]),
                          **solver_options)
+        for note in plan.warnings:
+            warnings.warn(note, stacklevel=2)
     else:
         asked = {"solver": solver, "nfe": nfe, "schedule": schedule, "sigma_min": sigma_min, "sigma_max": sigma_max,
                  "sigmas": sigmas, "schedule_options": schedule_options, "afs": afs, "steps": steps,

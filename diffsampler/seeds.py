@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 from typing import List, Sequence, Tuple
 
-import torch
-
 
 def parse_ranges(text: str, what: str = "seeds", one: str = "seed", example: str = "0-63 or 1,5,10-20") -> List[int]:
     """``"0-3,10"`` -> [0, 1, 2, 3, 10] (ranges inclusive; duplicates rejected); ``what`` / ``one``
@@ -35,7 +33,9 @@ def parse_seeds(text: str) -> List[int]:
     return parse_ranges(text, "seeds")
 
 
-def seed_noise(seeds: Sequence[int], shape: Tuple[int, ...], dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """Standard normal noise (len(seeds), *shape), one generator per seed."""
+def seed_noise(seeds: Sequence[int], shape: Tuple[int, ...], dtype=None, device="cpu"):
+    """Standard normal noise (len(seeds), *shape), one generator per seed (float32 by default)."""
+    import torch          # here, so that parsing seeds (the CLI's --seeds) does not load torch
+    dtype = torch.float32 if dtype is None else dtype
     rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds]
     return torch.stack(rows).to(device=device, dtype=dtype)

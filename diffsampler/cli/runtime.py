@@ -163,11 +163,14 @@ def plan_from_options(model: Denoiser, *, solver=None, nfe=None, steps=None, sch
     if learned is not None:
         from ..learned import load_learned
         learned = load_learned(learned, device=device)
-    return make_plan(solver, nfe, schedule, sigmas=parse_sigmas(sigmas),
+    plan = make_plan(solver, nfe, schedule, sigmas=parse_sigmas(sigmas),
                      schedule_options=parse_options(schedule_option, "--schedule-option") or None,
                      sigma_min=sigma_min, sigma_max=sigma_max, afs=afs, denoise_to_zero=denoise_to_zero, steps=steps,
                      learned=learned, model=model, default_nfe=None if learned is not None else default_nfe,
                      **options)
+    for note in plan.warnings:
+        click.echo(f"warning: {note}", err=True)
+    return plan
 
 
 def run_settings(spec: str, denoiser: Denoiser, plan: Plan, cond: Conditioning, dtype: str, device: str,

@@ -160,8 +160,8 @@ def distill(sampler: LearnedSampler, denoiser, shape: Optional[Sequence[int]] = 
     t0 = time.perf_counter()
     iterator = range(iters)
     if progress and rank == 0:
-        from tqdm.auto import tqdm
-        iterator = tqdm(iterator, desc=f"{sampler.method} NFE {sampler.nfe}", unit="batch")
+        from ..progress import bar
+        iterator = bar(total=iters, desc=f"{sampler.method} NFE {sampler.nfe}", unit="batch")
     try:
         for it in range(iters + 1):
             if it % val_every == 0 or it == iters:

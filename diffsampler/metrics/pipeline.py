@@ -40,8 +40,8 @@ def features(images: Union[str, Path, Dataset], extractor: str, batch: int = 250
     indices = list(range(rank, len(images), world))
     loader = DataLoader(Subset(images, indices), batch_size=batch, shuffle=False, num_workers=0)
     if progress and rank == 0:
-        from tqdm.auto import tqdm
-        loader = tqdm(loader, desc=f"features ({extractor})", unit="batch")
+        from ..progress import bar
+        loader = bar(loader, desc=f"features ({extractor})", unit="batch")
     parts = []
     for x in loader:
         if extractor == INCEPTION and x.shape[1] == 1:

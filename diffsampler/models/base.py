@@ -58,6 +58,11 @@ class Denoiser:
         """Samples -> images in [-1, 1] (latent models decode through their VAE; others are images)."""
         return samples
 
+    def discrete_schedule(self) -> Optional[dict]:
+        """``schedule_options`` of the ``discrete`` schedule (the model's own integer training
+        timesteps: ``sigma_fn``, ``sigma_inv``), or None for a continuous-time model."""
+        return None
+
     def to(self, *args, **kwargs):
         """Move the model in place (returns it)."""
         net = self.network
@@ -90,6 +95,9 @@ class DenoiserWrapper(Denoiser):
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         return self.inner.decode(samples) if isinstance(self.inner, Denoiser) else samples
+
+    def discrete_schedule(self) -> Optional[dict]:
+        return self.inner.discrete_schedule() if isinstance(self.inner, Denoiser) else None
 
     def encode_prompt(self, *args, **kwargs):
         return self.inner.encode_prompt(*args, **kwargs)

@@ -162,6 +162,9 @@ class LatentDiffusion(Denoiser):
     def identity_tensors(self) -> List[torch.Tensor]:
         return self.inner.identity_tensors()
 
+    def discrete_schedule(self) -> Optional[dict]:
+        return self.inner.discrete_schedule()
+
     def to(self, *args, **kwargs) -> "LatentDiffusion":
         """Move the whole pipeline in place (denoising network, VAE, text encoders; the inner denoiser
         shares its network), so prompts encoded afterwards are on the same device."""

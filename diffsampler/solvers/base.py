@@ -71,10 +71,14 @@ class Solver:
                 return steps
         valid = self.valid_nfes(afs, denoise_to_zero)
         flags = ", ".join(f for f, on in (("afs", afs), ("denoise_to_zero", denoise_to_zero)) if on)
+        hint = ""
+        if self.evals_per_step > 1 and not (afs or denoise_to_zero):
+            hint = ("; an odd NFE needs the analytical first step (afs=True, --afs) or a final denoising step "
+                    "(denoise_to_zero=True, --denoise-to-zero): EDM's 18-step Heun is --nfe 35 --denoise-to-zero")
         raise ValueError(
             f"solver {self.name!r} cannot use nfe={nfe}{' with ' + flags if flags else ''}: it makes "
             f"{self.evals_per_step} model evaluation{'s' if self.evals_per_step > 1 else ''} per step "
-            f"({self.nfe_rule()}), so nfe must be one of {', '.join(map(str, valid[:6]))}, ...")
+            f"({self.nfe_rule()}), so nfe must be one of {', '.join(map(str, valid[:6]))}, ...{hint}")
 
     def valid_nfes(self, afs: bool = False, denoise_to_zero: bool = False, up_to: int = 40) -> List[int]:
         nfes = (self.num_evals(steps, afs, denoise_to_zero) for steps in range(1, up_to + 1))

@@ -29,7 +29,7 @@ from .registry import register
 class UniPC(ExponentialMultistep):
     variant: str = "bh2"
     corrector: bool = True
-    summary = "UniPC predictor-corrector (bh1/bh2), orders 1-3"
+    summary = "UniPC predictor-corrector (bh1/bh2), predictor orders 1-3, +1 with the corrector"
 
     def __post_init__(self):
         super().__post_init__()
