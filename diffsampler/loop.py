@@ -188,8 +188,8 @@ def check_noise(noise) -> None:
 
 def evaluator_for(plan: Plan, denoiser, noise: torch.Tensor, cond: Optional[Dict[str, Any]] = None) -> Evaluator:
     """The evaluator of one run of ``plan`` on ``noise``'s batch, device and dtype."""
-    return Evaluator(denoiser, dict(cond or {}), noise.dtype, work_dtype(noise.device), noise.shape[0], noise.device,
-                     max_calls=plan.nfe, reads=plan.reads)
+    return Evaluator(denoiser, {**(cond or {}), **plan.model_inputs}, noise.dtype, work_dtype(noise.device),
+                     noise.shape[0], noise.device, max_calls=plan.nfe, reads=plan.reads)
 
 
 def _raise_if_not_finite(evaluate: Evaluator) -> None:

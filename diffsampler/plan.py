@@ -54,6 +54,7 @@ class Plan:
     record: Mapping[str, Any] = field(default_factory=dict)   # how it was made (JSON-able)
     learned: Any = None                  # the learned sampler behind ``solver``, if any
     warnings: Tuple[str, ...] = ()       # what the user should know about this request
+    model_inputs: Mapping[str, Any] = field(default_factory=dict)   # extra inputs of every model call
 
     @property
     def steps(self) -> int:
@@ -113,6 +114,9 @@ def make_plan(solver=None, nfe: Optional[int] = None, schedule=None, *, sigmas: 
     if learned is not None:
         return _learned_plan(learned, model, shape, solver, nfe, schedule, sigmas, schedule_options, sigma_min,
                              sigma_max, afs, denoise_to_zero, steps, solver_options)
+    native = model.native_plans() if isinstance(model, Denoiser) else {}
+    if native and solver is None and schedule is None and sigmas is None and steps is None:
+        return _native_plan(native, nfe, default_nfe, afs, denoise_to_zero, schedule_options, solver_options)
     solver = get_solver(DEFAULT_SOLVER if solver is None else solver, **solver_options)
     if nfe is not None and steps is not None:
         raise ValueError("give nfe= (model evaluations) or steps= (solver steps), not both")
@@ -183,6 +187,29 @@ def _with_model_table(schedule, schedule_options, model) -> Optional[dict]:
         raise ValueError("schedule 'discrete' takes the model's own integer training timesteps, and this model has "
                          "none (it is a continuous-time model): use polynomial, logsnr, time_uniform or time_quadratic")
     return {**table, **(schedule_options or {})}
+
+
+def _native_plan(native, nfe, default_nfe, afs, denoise_to_zero, schedule_options, solver_options) -> Plan:
+    """The request a distilled model was trained for at ``nfe`` (see ``Denoiser.native_plans``)."""
+    supported = sorted(native)
+    if nfe is None:
+        nfe = default_nfe if default_nfe in native else supported[-1]
+    if nfe not in native:
+        raise ValueError(f"this model was distilled for NFE {', '.join(map(str, supported))}, not {nfe}: use one of "
+                         "those (or name a solver and schedule to sample it like an ordinary model)")
+    spec = native[nfe]
+    given = [k for k, v in (("afs", afs), ("denoise_to_zero", denoise_to_zero or None),
+                            ("schedule_options", schedule_options or None), ("solver options", solver_options or None))
+             if v is not None and (k != "afs" or bool(v) != bool(spec.get("afs", False)))]
+    if given:
+        raise ValueError(f"this model samples with the rule it was distilled for; drop {', '.join(given)} (or name "
+                         "a solver and schedule to sample it like an ordinary model)")
+    plan = make_plan(spec["solver"], sigmas=spec["sigmas"], afs=bool(spec.get("afs", False)),
+                     denoise_to_zero=bool(spec.get("denoise_to_zero", False)), **spec.get("solver_options", {}))
+    if plan.nfe != nfe:
+        raise ValueError(f"the model's native plan for NFE {nfe} makes {plan.nfe} evaluations (a corrupt model card)")
+    record = {**plan.record, "schedule": {"native": "the grid the model was distilled for"}}
+    return dataclasses.replace(plan, record=record, model_inputs=dict(spec.get("model_inputs", {})))
 
 
 def _learned_plan(learned, model, shape, solver, nfe, schedule, sigmas, schedule_options, sigma_min, sigma_max,

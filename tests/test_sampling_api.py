@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from diffsampler import SOLVERS, DynamicThresholding, NonFiniteOutputError, Schedule, sample, schedules
+from diffsampler import SOLVERS, Denoiser, DynamicThresholding, NonFiniteOutputError, Schedule, sample, schedules
 from conftest import mixture
 
 
@@ -191,3 +191,32 @@ def test_non_finite_model_output_names_the_step_and_sigma():
     first_bad = next(i for i, s in enumerate(result_sigmas) if s < 1.0)
     with pytest.raises(NonFiniteOutputError, match=f"at step {first_bad} \\(sigma={float(result_sigmas[first_bad]):.6g}"):
         sample(broken, torch.randn(2, 12), solver="euler", nfe=8)
+
+
+class Distilled(Denoiser):
+    """A model that declares the sampler it was distilled for (as SFD students do)."""
+
+    shape = (12,)
+
+    def __init__(self):
+        self.inner, self.seen = mixture(), []
+
+    def native_plans(self):
+        return {2: dict(solver="euler", sigmas=[80.0, 1.0, 0.002], afs=True, model_inputs={"steps": 2}),
+                3: dict(solver="euler", sigmas=[80.0, 5.0, 0.5, 0.002], afs=True, model_inputs={"steps": 3})}
+
+    def denoise(self, x, sigma, steps=None):
+        self.seen.append(steps)
+        return self.inner(x, sigma)
+
+
+def test_a_distilled_model_samples_with_its_own_plan_and_refuses_other_nfes():
+    model = Distilled()
+    noise = torch.randn(3, 12, dtype=torch.float64)
+    out = sample(model, noise, nfe=2)
+    assert out.nfe == 2 and out.sigmas.tolist() == [80.0, 1.0, 0.002] and model.seen == [2, 2]
+    direct = sample(model.inner, noise, solver="euler", sigmas=[80.0, 1.0, 0.002], afs=True)
+    assert torch.equal(out.samples, direct.samples)
+    with pytest.raises(ValueError, match="distilled for NFE 2, 3, not 4"):
+        sample(model, noise, nfe=4)
+    assert sample(model, noise, solver="heun", nfe=4).nfe == 4        # named explicitly: an ordinary model

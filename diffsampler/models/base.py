@@ -10,7 +10,7 @@ analytic Gaussian mixture) all subclass it; solvers never look past ``__call__``
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -63,6 +63,14 @@ class Denoiser:
         timesteps: ``sigma_fn``, ``sigma_inv``), or None for a continuous-time model."""
         return None
 
+    def native_plans(self) -> Dict[int, dict]:
+        """For a model distilled for one sampler (SFD students): NFE -> ``dict(solver=...,
+        solver_options={...}, sigmas=[...], afs=..., denoise_to_zero=..., model_inputs={...})``,
+        the request it was trained for at each NFE (``model_inputs`` reach every model call, e.g.
+        a step-count input).  A request that names no solver, schedule or grid gets one of these;
+        another NFE is refused.  Empty for ordinary models."""
+        return {}
+
     def to(self, *args, **kwargs):
         """Move the model in place (returns it)."""
         net = self.network
@@ -98,6 +106,9 @@ class DenoiserWrapper(Denoiser):
 
     def discrete_schedule(self) -> Optional[dict]:
         return self.inner.discrete_schedule() if isinstance(self.inner, Denoiser) else None
+
+    def native_plans(self) -> Dict[int, dict]:
+        return self.inner.native_plans() if isinstance(self.inner, Denoiser) else {}
 
     def encode_prompt(self, *args, **kwargs):
         return self.inner.encode_prompt(*args, **kwargs)
