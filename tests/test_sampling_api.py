@@ -202,8 +202,8 @@ class Distilled(Denoiser):
         self.inner, self.seen = mixture(), []
 
     def native_plans(self):
-        return {2: dict(solver="euler", sigmas=[80.0, 1.0, 0.002], afs=True, model_inputs={"steps": 2}),
-                3: dict(solver="euler", sigmas=[80.0, 5.0, 0.5, 0.002], afs=True, model_inputs={"steps": 3})}
+        return {2: dict(solver="euler", sigmas=[80.0, 10.0, 1.0, 0.002], afs=True, model_inputs={"steps": 2}),
+                3: dict(solver="euler", sigmas=[80.0, 20.0, 5.0, 0.5, 0.002], afs=True, model_inputs={"steps": 3})}
 
     def denoise(self, x, sigma, steps=None):
         self.seen.append(steps)
@@ -214,8 +214,8 @@ def test_a_distilled_model_samples_with_its_own_plan_and_refuses_other_nfes():
     model = Distilled()
     noise = torch.randn(3, 12, dtype=torch.float64)
     out = sample(model, noise, nfe=2)
-    assert out.nfe == 2 and out.sigmas.tolist() == [80.0, 1.0, 0.002] and model.seen == [2, 2]
-    direct = sample(model.inner, noise, solver="euler", sigmas=[80.0, 1.0, 0.002], afs=True)
+    assert out.nfe == 2 and out.sigmas.tolist() == [80.0, 10.0, 1.0, 0.002] and model.seen == [2, 2]
+    direct = sample(model.inner, noise, solver="euler", sigmas=[80.0, 10.0, 1.0, 0.002], afs=True)
     assert torch.equal(out.samples, direct.samples)
     with pytest.raises(ValueError, match="distilled for NFE 2, 3, not 4"):
         sample(model, noise, nfe=4)
