@@ -35,6 +35,7 @@ class SampleResult:
     sigmas: torch.Tensor       # the grid used (CPU float64, descending)
     solver: str
     plan: Optional[Plan] = None  # the resolved request (its .record describes it)
+    rounds: Optional[int] = None  # sequential model calls (< nfe only when points are evaluated in parallel)
 
 
 @dataclass
@@ -62,6 +63,10 @@ class Evaluator:
     :meth:`features` returns the latest one.  Features belong to the run, never to a solver, so
     one solver object can serve any number of runs at once.  Use it as a context manager when it
     reads features (the hook is installed on entry and removed on exit).
+
+    :meth:`parallel` evaluates several points in one batched network call (EPD's parallel
+    directions): each point counts as one evaluation (NFE is honest), the call as one sequential
+    round (``rounds``).
     """
 
     def __init__(self, denoiser, cond: Dict[str, Any], model_dtype: torch.dtype, work_dtype: torch.dtype,
@@ -71,6 +76,7 @@ class Evaluator:
         self.model_dtype, self.work_dtype = model_dtype, work_dtype
         self.batch, self.device = batch, device
         self.calls = 0
+        self.rounds = 0                                # sequential model calls (parallel ones count once)
         self.step = 0                                  # set by the loop, for error messages
         self.called_at: List[Tuple[int, float]] = []   # (step, sigma) of every call
         self.bad = torch.zeros(max_calls, dtype=torch.bool, device=device)
@@ -88,11 +94,32 @@ class Evaluator:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"the denoiser returned {got} for input of shape {tuple(x.shape)}; "
                              "it must return an x0 estimate of the same shape")
-        if self.calls < len(self.bad):
-            self.bad[self.calls] = ~torch.isfinite(out).all()
-        self.calls += 1
-        self.called_at.append((self.step, sigma.detach() if isinstance(sigma, torch.Tensor) else sigma))
+        self._record(out, sigma, 1)
         return out.to(self.work_dtype)
+
+    def _record(self, out: torch.Tensor, sigma, evaluations: int) -> None:
+        flag = ~torch.isfinite(out).all()
+        for _ in range(evaluations):
+            if self.calls < len(self.bad):
+                self.bad[self.calls] = flag
+            self.calls += 1
+            self.called_at.append((self.step, sigma.detach() if isinstance(sigma, torch.Tensor) else sigma))
+        self.rounds += 1
+
+    def parallel(self, xs: List[torch.Tensor], sigmas: List) -> List[torch.Tensor]:
+        """``[D(x_k, sigma_k)]`` for K points in one network call of K x batch samples (the
+        conditioning repeated K times); K evaluations, one round."""
+        k = len(xs)
+        sigma_t = torch.cat([per_sample_sigma(s, self.batch, self.device, self.model_dtype) for s in sigmas])
+        cond = {name: _repeat_batch(value, k, self.batch) for name, value in self.cond.items()}
+        x = torch.cat([x.to(self.model_dtype) for x in xs])
+        out = self.denoiser(x, sigma_t, **cond)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the denoiser returned {got} for input of shape {tuple(x.shape)}; "
+                             "it must return an x0 estimate of the same shape")
+        self._record(out, sigmas[0], k)
+        return list(out.to(self.work_dtype).chunk(k))
 
     def skip(self) -> None:
         """An evaluation answered without the model (AFS): its feature is the 'no call' one."""
@@ -114,6 +141,16 @@ class Evaluator:
     def __exit__(self, *exc) -> None:
         if self.tap is not None:
             self.tap.__exit__(*exc)
+
+
+def _repeat_batch(value, k: int, batch: int):
+    """Conditioning for K stacked copies of the batch (tensors with a leading batch dimension,
+    nested dicts recursively; anything else is shared)."""
+    if isinstance(value, dict):
+        return {name: _repeat_batch(v, k, batch) for name, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+        return value.repeat(k, *([1] * (value.ndim - 1)))
+    return value
 
 
 def analytical_first_step(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -215,4 +252,4 @@ def run_plan(plan: Plan, denoiser, noise: torch.Tensor, *, cond: Optional[Dict[s
         x = integrate(plan, evaluate, x, callback=callback, progress=progress)
     _raise_if_not_finite(evaluate)
     return SampleResult(samples=x.to(noise.dtype), nfe=evaluate.calls, sigmas=plan.sigma_tensor(),
-                        solver=plan.solver.name, plan=plan)
+                        solver=plan.solver.name, plan=plan, rounds=evaluate.rounds)

@@ -5,7 +5,9 @@ its grid (protocol: :mod:`.base`; training: :mod:`.distill`; one file per method
     learned.save("amed-ipndm5.pt"); learned = load_learned("amed-ipndm5.pt")
     result = sample(denoiser, noise, learned=learned)              # result.nfe == 5
 
-Methods: ``amed`` (learned intermediate times).
+Methods: ``amed`` (learned intermediate times), ``ld3`` (a learned grid), ``s4s`` (a learned grid
+and per-step solver coefficients), ``pas`` (a learned direction correction in the trajectory's own
+basis), ``epd`` (learned parallel directions).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..models.identity import guidance_scale, model_fingerprint
-from . import amed  # noqa: F401  (registration)
+from . import amed, epd, ld3, pas, s4s  # noqa: F401  (registration)
 from .base import LearnedSampler
 from .distill import TRAIN_SEEDS, VAL_SEEDS, distill
 from .registry import LEARNED, learned_class, load_learned, register_learned
@@ -40,7 +42,8 @@ def learn(method: str, denoiser, shape: Optional[Sequence[int]] = None, nfe: Opt
     sampler.settings.update({"method": method, "model": model_name, "model_fingerprint": model_fingerprint(denoiser),
                              "shape": list(shape), "guidance": guidance_scale(denoiser)})
     return distill(sampler, denoiser, shape, cond=cond, teacher=teacher, teacher_options=teacher_options, M=M,
-                   batch=batch, iters=iters if iters is not None else cls.default_iters, train_images=train_images,
+                   batch=batch, iters=iters if iters is not None else cls.default_iters,
+                   train_images=train_images if train_images is not None else cls.default_train_images,
                    lr=lr if lr is not None else cls.default_lr, first_seed=first_seed, val_images=val_images,
                    val_seed=val_seed, val_every=val_every, loss=loss, through=through, dtype=dtype, device=device,
                    progress=progress, log=log)

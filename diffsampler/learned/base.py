@@ -45,6 +45,7 @@ class LearnedSampler(nn.Module):
     default_solver: ClassVar[str] = "ipndm"
     default_iters: ClassVar[int] = 40
     default_lr: ClassVar[float] = 1e-2
+    default_train_images: ClassVar[Optional[int]] = None      # None: every batch fresh
     reads: Optional[str] = None
 
     def __init__(self, settings: Dict[str, Any]):
@@ -96,7 +97,7 @@ class LearnedSampler(nn.Module):
         rule, grid = self.step_rule(), self.grid(differentiable)
         expected = rule.num_evals(len(grid) - 1, self.afs, False)
         record = {"solver": solver_record_of(rule), "schedule": {"learned": self.method},
-                  "sigmas": [float(s) for s in grid], "afs": self.afs, "denoise_to_zero": False, "nfe": expected,
+                  "sigmas": [float(s.detach()) if isinstance(s, torch.Tensor) else float(s) for s in grid], "afs": self.afs, "denoise_to_zero": False, "nfe": expected,
                   "steps": len(grid) - 1, "learned": self.record()}
         return Plan(rule, grid, self.afs, False, expected, record, learned=self)
 
@@ -138,9 +139,9 @@ class LearnedSampler(nn.Module):
 
 
 def solver_record_of(rule: Solver) -> Dict[str, Any]:
-    """A solver's record with non-JSON options (trained modules) left out."""
+    """A solver's record with its trained options (modules, tensors) left out."""
     record = solver_record(rule)
-    return {k: v for k, v in record.items() if not isinstance(v, nn.Module)}
+    return {k: v for k, v in record.items() if not isinstance(v, (nn.Module, torch.Tensor))}
 
 
 def read_file(path: Union[str, Path]) -> Dict[str, Any]:

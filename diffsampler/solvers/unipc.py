@@ -15,12 +15,12 @@ predictor order p; with the corrector the method converges with order p + 1.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from .exponential import ExponentialMultistep, lam
+from .exponential import ExponentialMultistep, expm1, lam
 from .registry import register
 
 
@@ -55,20 +55,20 @@ class UniPC(ExponentialMultistep):
 
         ratios = [(lam_k - history[0][0]) / h for lam_k, _ in history[1:order]]
         diffs = [(d_k - denoised) / r for (_, d_k), r in zip(history[1:order], ratios)]
-        b_h = -h if self.variant == "bh1" else math.expm1(-h)
+        b_h = -h if self.variant == "bh1" else expm1(-h)
         rhs_matrix, rhs = self._order_conditions(ratios, -h, b_h)
-        base = (sigma_next / sigma) * x - math.expm1(-h) * denoised
+        base = (sigma_next / sigma) * x - expm1(-h) * denoised
 
         x_next = base
         if order >= 2:
-            rho_p = [0.5] if order == 2 else np.linalg.solve(rhs_matrix[:-1, :-1], rhs[:-1])
+            rho_p = [0.5] if order == 2 else _solve(rhs_matrix[:-1, :-1], rhs[:-1])
             x_next = base - b_h * _combine(rho_p, diffs)
         kept = history[: self.max_order - 1]
         if not self.corrector or i == num_steps - 1:
             return x_next, denoised, (kept, None)
 
         denoised_next = evaluate(x_next, sigma_next)
-        rho_c = [0.5] if order == 1 else np.linalg.solve(rhs_matrix, rhs)
+        rho_c = [0.5] if order == 1 else _solve(rhs_matrix, rhs)
         correction = rho_c[-1] * (denoised_next - denoised)
         if order >= 2:
             correction = correction + _combine(rho_c[:-1], diffs)
@@ -78,19 +78,27 @@ class UniPC(ExponentialMultistep):
     def _order_conditions(ratios, hh, b_h):
         """The linear system R rho = b of UniPC's order conditions for the nodes r = ratios + [1]:
         R[k] = r^k and b[k] = k! * h*phi_{k+1}(hh) / B(h), k = 0 .. p-1, where hh = -h and the
-        phi-functions follow the recursion phi_{k+1}(hh) = (phi_k(hh) - 1/k!) / hh."""
-        nodes = np.array(list(ratios) + [1.0])
-        matrix = np.stack([nodes ** k for k in range(len(nodes))])
-        rhs, factorial, h_phi = [], 1.0, math.expm1(hh) / hh - 1
-        for k in range(1, len(nodes) + 1):
+        phi-functions follow the recursion phi_{k+1}(hh) = (phi_k(hh) - 1/k!) / hh.  Numpy for a
+        float grid; torch (differentiable) when the grid holds tensors (a learned grid in training)."""
+        rhs, factorial, h_phi = [], 1.0, expm1(hh) / hh - 1
+        for k in range(1, len(ratios) + 2):
             rhs.append(h_phi * factorial / b_h)
             factorial *= k + 1
             h_phi = h_phi / hh - 1 / factorial
-        return matrix, np.array(rhs)
+        if not isinstance(hh, torch.Tensor):
+            nodes = np.array(list(ratios) + [1.0])
+            return np.stack([nodes ** k for k in range(len(nodes))]), np.array(rhs)
+        nodes = torch.stack([torch.as_tensor(r, dtype=torch.float64) for r in list(ratios) + [1.0]])
+        return torch.stack([nodes ** k for k in range(len(nodes))]), torch.stack(rhs)
+
+
+def _solve(matrix, rhs):
+    return torch.linalg.solve(matrix, rhs) if isinstance(matrix, torch.Tensor) else np.linalg.solve(matrix, rhs)
 
 
 def _combine(weights, tensors):
-    out = float(weights[0]) * tensors[0]
+    scalar = (lambda w: w) if isinstance(weights, torch.Tensor) else float
+    out = scalar(weights[0]) * tensors[0]
     for w, t in zip(weights[1:], tensors[1:]):
-        out = out + float(w) * t
+        out = out + scalar(w) * t
     return out
