@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from .base import Solver, check_order
 
@@ -76,3 +77,26 @@ def lagrange_integrals(nodes: Tuple[float, ...], lo: float, hi: float,
                 basis *= (u - other) / (node - other)
         integrals.append(float(0.5 * (hi - lo) * np.dot(_GAUSS_WEIGHTS, basis)))
     return integrals
+
+
+def lagrange_integrals_torch(nodes, lo, hi, variable=None) -> List:
+    """:func:`lagrange_integrals` for tensor grids (a learned grid in training): the same
+    Gauss-Legendre rule in torch, differentiable in the nodes and the endpoints, not cached."""
+    as_t = lambda v: torch.as_tensor(v, dtype=torch.float64)
+    lo, hi = as_t(lo), as_t(hi)
+    sigma = 0.5 * (hi - lo) * as_t(_GAUSS_NODES) + 0.5 * (hi + lo)
+    u = sigma if variable is None else variable(sigma)
+    nodes = [as_t(n) for n in nodes]
+    integrals = []
+    for j, node in enumerate(nodes):
+        basis = torch.ones_like(u)
+        for m, other in enumerate(nodes):
+            if m != j:
+                basis = basis * (u - other) / (node - other)
+        integrals.append(0.5 * (hi - lo) * (as_t(_GAUSS_WEIGHTS) * basis).sum())
+    return integrals
+
+
+def is_tensor_grid(*sigmas) -> bool:
+    """Whether a step's sigmas are tensors (a differentiable grid) rather than floats."""
+    return any(isinstance(s, torch.Tensor) for s in sigmas)

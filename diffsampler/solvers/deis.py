@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..schedules import vp_time
-from .adams import AdamsBashforth, lagrange_integrals
+from .adams import AdamsBashforth, is_tensor_grid, lagrange_integrals, lagrange_integrals_torch
 from .registry import register
 
 # diff-sampler's VP time: t(0.002) = 1e-3 and t(80) = 1.
@@ -64,6 +64,9 @@ def _diff_sampler_time(sigma):
 
 
 _TIME = {"vp": _vp_time, "diff-sampler": _diff_sampler_time}
+# The same maps in torch, for differentiable (learned) grids.
+_TIME_TORCH = {"vp": vp_time,
+               "diff-sampler": lambda s: vp_time(s, DIFF_SAMPLER_BETA_D, DIFF_SAMPLER_BETA_MIN)}
 
 
 @register("deis")
@@ -80,6 +83,10 @@ class DEIS(AdamsBashforth):
             raise ValueError(f"deis: variant must be one of {', '.join(map(repr, _TIME))}, got {self.variant!r}")
 
     def coefficients(self, sigmas, i, order):
+        if is_tensor_grid(*(sigmas[i - j] for j in range(order)), sigmas[i + 1]):
+            time = _TIME_TORCH[self.variant]
+            nodes = tuple(time(torch.as_tensor(sigmas[i - j], dtype=torch.float64)) for j in range(order))
+            return lagrange_integrals_torch(nodes, sigmas[i], sigmas[i + 1], variable=time)
         time = _TIME[self.variant]
         nodes = tuple(float(time(sigmas[i - j])) for j in range(order))
         return lagrange_integrals(nodes, sigmas[i], sigmas[i + 1], variable=time)

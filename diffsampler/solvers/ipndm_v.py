@@ -43,7 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Sequence
 
-from .adams import AdamsBashforth, lagrange_integrals
+from .adams import AdamsBashforth, is_tensor_grid, lagrange_integrals, lagrange_integrals_torch
 from .registry import register
 
 
@@ -83,4 +83,7 @@ class IPNDMVariable(AdamsBashforth):
         if self.legacy:
             steps = [sigmas[i + 1] - sigmas[i]] + [sigmas[i - j] - sigmas[i - j - 1] for j in range(order - 1)]
             return [steps[0] * w for w in legacy_weights(steps)]
-        return lagrange_integrals(tuple(sigmas[i - j] for j in range(order)), sigmas[i], sigmas[i + 1])
+        nodes = tuple(sigmas[i - j] for j in range(order))
+        if is_tensor_grid(*nodes, sigmas[i + 1]):
+            return lagrange_integrals_torch(nodes, sigmas[i], sigmas[i + 1])
+        return lagrange_integrals(nodes, sigmas[i], sigmas[i + 1])
