@@ -173,3 +173,24 @@ def test_torchrun_training_equals_one_process(tmp_path):
     assert b.settings["processes"] == 2
     for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-9, msg=name)
+
+
+def test_auto_base_is_the_most_accurate_untrained_base_on_the_validation_seeds(analytic):
+    """solver='auto' sweeps the bases on validation seeds (never the held-out ones) against an
+    accurate teacher and trains on the best; checked here by redoing the sweep independently."""
+    from diffsampler.learned.select import candidates
+    model, noise, exact = analytic
+    learned = learn("s4s", model, nfe=4, iters=20, batch=16, train_images=64, val_images=32)
+    choice = learned.settings["base_choice"]
+    assert choice["rule"] == "auto" and choice["tried"] > 20
+    val = seed_noise(range(2_000_000, 2_000_032), model.shape, dtype=torch.float64)
+    target = solve_ode(model, val * 80.0, 80.0, 0.002, tol=1e-9)
+    scores = {}
+    for request in candidates(LEARNED["s4s"].accepts):
+        try:
+            scores[str(request)] = rmse(sample(model, val.float(), nfe=4, **request).samples.double(), target)
+        except ValueError:
+            continue
+    assert str(choice["chosen"]) == min(scores, key=scores.get)
+    neutral = LEARNED["s4s"].create(model, model.shape, nfe=4, **choice["chosen"])
+    assert rmse(sample(model, noise, learned=learned).samples, exact) <= rmse(sample(model, noise, learned=neutral).samples, exact)

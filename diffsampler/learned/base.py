@@ -19,6 +19,7 @@ conditioning it was made for; :meth:`plan` refuses, with a message, any other mo
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple, Union
@@ -41,11 +42,12 @@ class LearnedSampler(nn.Module):
     summary: ClassVar[str] = ""
     targets: ClassVar[str] = "steps"
     default_teacher: ClassVar[str] = "dpmpp"
-    min_teacher_steps: ClassVar[int] = 40
+    min_teacher_steps: ClassVar[int] = 24
     default_solver: ClassVar[str] = "ipndm"
     default_iters: ClassVar[int] = 40
     default_lr: ClassVar[float] = 1e-2
     default_train_images: ClassVar[Optional[int]] = None      # None: every batch fresh
+    accepts: ClassVar[Optional[Tuple[str, ...]]] = None         # base solvers it can start from (None: any)
     reads: Optional[str] = None
 
     def __init__(self, settings: Dict[str, Any]):
@@ -75,8 +77,17 @@ class LearnedSampler(nn.Module):
     def record(self) -> Dict[str, Any]:
         """What a plan (and so a run's settings.json) records of this sampler."""
         keep = ("solver", "solver_options", "nfe", "afs", "model", "model_fingerprint", "shape", "guidance",
-                "train_seconds", "final_loss", "best_iteration", "validation")
-        return {"method": self.method, **{k: self.settings.get(k) for k in keep if k in self.settings}}
+                "train_seconds", "final_loss", "best_iteration", "base_choice")
+        return {"method": self.method, **{k: self.settings.get(k) for k in keep if k in self.settings},
+                "parameters_hash": self.parameters_hash()}
+
+    def parameters_hash(self) -> str:
+        """SHA-256 (16 hex digits) of the trained numbers: two files sample alike only if equal."""
+        digest = hashlib.sha256()
+        for name, value in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def plan(self, model, shape: Optional[Sequence[int]] = None, *, solver=None, nfe: Optional[int] = None,
              schedule=None, sigmas=None, afs: Optional[bool] = None, differentiable: bool = False) -> Plan:

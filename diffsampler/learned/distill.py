@@ -19,9 +19,12 @@
    Adam updates the sampler's parameters once per batch; the model's own parameters are frozen
    during training and restored afterwards.
 3. **Validation.** Held-out seeds (``val_images`` from ``val_seed``, disjoint from the training
-   seeds) measure the endpoint RMSE to the teacher before training (the neutral parameters, i.e.
-   the base solver) and every ``val_every`` iterations; the best iterate is what is returned, so
-   training never returns a sampler worse on these seeds than its base.
+   seeds) measure the per-seed endpoint RMSE to the teacher before training (the neutral
+   parameters, i.e. the base solver) and every ``val_every`` iterations (default: ten times).  An
+   iterate replaces the neutral parameters only if its paired improvement over them is
+   significant (mean per-seed difference below minus two standard errors), and the best such
+   iterate is returned: a noisy gain on a few validation seeds does not replace the base solver.
+   The learning rate decays along a cosine to a tenth of ``lr``.
 4. **Scale-out.** Under torchrun (a process group of several ranks) every batch's seeds are split
    across ranks, each rank runs its share of teacher and student, and DistributedDataParallel
    averages the gradients; validation sums over ranks.  Rank 0 shows a progress bar with the loss.
@@ -145,7 +148,7 @@ def distill(sampler: LearnedSampler, denoiser, shape: Optional[Sequence[int]] = 
     cache: Dict[int, Tuple] = {}
     val_seeds = list(range(val_seed, val_seed + val_images))[rank::world]
     val_set = [teacher_run(val_seeds[k:k + batch]) for k in range(0, len(val_seeds), batch)]
-    val_every = val_every or max(1, iters // 4)
+    val_every = val_every or max(1, iters // 10)
 
     pass_module = StudentPass(sampler, denoiser, shape, loss, truncate=sampler.targets == "steps" and not through)
     frozen = [(p, p.requires_grad) for p in _model_parameters(denoiser)]
@@ -155,8 +158,10 @@ def distill(sampler: LearnedSampler, denoiser, shape: Optional[Sequence[int]] = 
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(pass_module, find_unused_parameters=True)
     optimizer = torch.optim.Adam([p for p in sampler.parameters() if p.requires_grad], lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(it, iters) / iters)))
     losses, history = [], []
-    best = (float("inf"), -1, None)
+    best, neutral = (float("inf"), -1, None), None
     t0 = time.perf_counter()
     iterator = range(iters)
     if progress and rank == 0:
@@ -165,9 +170,11 @@ def distill(sampler: LearnedSampler, denoiser, shape: Optional[Sequence[int]] = 
     try:
         for it in range(iters + 1):
             if it % val_every == 0 or it == iters:
-                value = _validate(sampler, denoiser, shape, val_set)
+                errors = _validate(sampler, denoiser, shape, val_set)
+                neutral = errors if neutral is None else neutral
+                value, significant = _compare(errors, neutral)
                 history.append([it, value])
-                if value < best[0]:
+                if (it == 0 or significant) and value < best[0]:
                     best = (value, it, copy.deepcopy(sampler.state_dict()))
             if it == iters:
                 break
@@ -180,6 +187,7 @@ def distill(sampler: LearnedSampler, denoiser, shape: Optional[Sequence[int]] = 
                 total.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            schedule.step()
             value = float(_all_reduce_mean(mean))
             losses.append(value)
             if progress and rank == 0:
@@ -210,21 +218,29 @@ def _model_parameters(denoiser) -> List[nn.Parameter]:
 
 
 @torch.no_grad()
-def _validate(sampler: LearnedSampler, denoiser, shape, val_set) -> float:
-    """Mean endpoint RMSE of the sampler against the teacher on the validation seeds (all ranks)."""
-    if not val_set:
-        return float("nan")
+def _validate(sampler: LearnedSampler, denoiser, shape, val_set) -> torch.Tensor:
+    """Per-seed endpoint RMSE of the sampler against the teacher on this rank's validation seeds."""
     plan = sampler.plan(denoiser, shape)
-    total = torch.zeros((), dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
+    errors = [torch.zeros(0, dtype=torch.float64)]
     for noise, batch_cond, targets in val_set:
-        if noise.shape[0] == 0:
-            continue
-        out = run_plan(plan, denoiser, noise, cond=batch_cond).samples
-        total += rmse(out.to(torch.float64), targets[-1].to(torch.float64)).cpu()
-        count += noise.shape[0]
-    total, count = _all_reduce_sum(total), _all_reduce_sum(count)
-    return float(total / count)
+        if noise.shape[0]:
+            out = run_plan(plan, denoiser, noise, cond=batch_cond).samples.to(torch.float64)
+            errors.append((out - targets[-1].to(torch.float64)).flatten(1).pow(2).mean(1).sqrt().cpu())
+    return torch.cat(errors)
+
+
+def _compare(errors: torch.Tensor, neutral: torch.Tensor):
+    """(mean error over all ranks' seeds, whether its paired gain over the neutral parameters is
+    significant: mean difference < -2 standard errors)."""
+    diff = errors - neutral
+    stats = _all_reduce_sum(torch.stack([errors.sum(), diff.sum(), diff.pow(2).sum(),
+                                         torch.tensor(float(len(errors)), dtype=torch.float64)]))
+    total, d_sum, d_sq, n = (float(v) for v in stats)
+    if n == 0:
+        return float("nan"), False
+    mean_diff = d_sum / n
+    se = math.sqrt(max(d_sq / n - mean_diff ** 2, 0.0) / max(n - 1, 1))
+    return total / n, mean_diff < -2 * se
 
 
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

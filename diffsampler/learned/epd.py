@@ -120,7 +120,8 @@ class ParallelDirections(Solver):
 class EPD(LearnedSampler):
     summary = "EPD: K directions per step evaluated in parallel at learned times (EPD-Solver, or EPD-Plugin)"
     targets = "steps"
-    default_solver = "epd"
+    default_solver = "auto"
+    accepts = PLUGIN_BASES
     default_lr = 0.01
     default_iters = 60
     default_train_images = 256
@@ -144,19 +145,24 @@ class EPD(LearnedSampler):
         return ParallelDirections(base=base, positions=self.positions, weights=self.weights)
 
     @classmethod
-    def create(cls, model, shape: Sequence[int], *, nfe: Optional[int], solver="epd", points: int = 2, cond=None,
+    def create(cls, model, shape: Sequence[int], *, nfe: Optional[int], solver="ipndm", points: Optional[int] = None,
+               cond=None,
                first_seed=0, dtype=None, device="cpu", schedule=None, schedule_options=None, afs=None,
                sigma_min=None, sigma_max=None, **solver_options) -> "EPD":
+        if points is None:                       # two parallel points where the NFE allows, else one
+            return cls.create(model, shape, nfe=nfe, solver=solver, points=2 if cls._steps(solver, 2, nfe, afs) else 1,
+                              cond=cond, first_seed=first_seed, dtype=dtype, device=device, schedule=schedule,
+                              schedule_options=schedule_options, afs=afs, sigma_min=sigma_min, sigma_max=sigma_max,
+                              **solver_options)
         if not 1 <= int(points) <= 8:
             raise ValueError(f"epd: points must be 1-8, got {points}")
         if solver != "epd" and solver not in PLUGIN_BASES:
             raise ValueError(f"epd: solver must be 'epd' (EPD-Solver) or a plugin base ({', '.join(PLUGIN_BASES)}), "
                              f"got {solver!r}")
-        rule = ParallelDirections(base=None if solver == "epd" else get_solver(solver, **solver_options),
-                                  positions=torch.zeros(1, int(points)), weights=torch.zeros(1, int(points)))
+        rule = cls._rule(solver, int(points))
         grid_solver = "dpm2" if solver == "epd" else solver
         afs = bool(afs)
-        steps = next((s for s in range(1, (nfe or 0) + 3) if rule.num_evals(s, afs) == nfe), None)
+        steps = cls._steps(solver, int(points), nfe, afs)
         if steps is None:
             valid = [n for n in (rule.num_evals(s, afs) for s in range(1, 12)) if n >= 1]
             raise ValueError(f"epd with {points} point(s) cannot use nfe={nfe}{' with AFS' if afs else ''} "
@@ -166,3 +172,14 @@ class EPD(LearnedSampler):
         settings = plan_settings(plan, shape=list(shape))
         settings.update({"solver": solver, "solver_options": dict(solver_options), "nfe": nfe})
         return cls(settings, points).to(device)
+
+    @staticmethod
+    def _rule(solver, points: int) -> ParallelDirections:
+        return ParallelDirections(base=None if solver == "epd" else get_solver(solver),
+                                  positions=torch.zeros(1, points), weights=torch.zeros(1, points))
+
+    @classmethod
+    def _steps(cls, solver, points: int, nfe: Optional[int], afs) -> Optional[int]:
+        """The steps that spend exactly ``nfe`` evaluations, or None."""
+        rule = cls._rule(solver, points)
+        return next((s for s in range(1, (nfe or 0) + 3) if rule.num_evals(s, bool(afs)) == nfe), None)

@@ -25,7 +25,7 @@ from .registry import register_learned
 class LD3(LearnedSampler):
     summary = "LD3: a learned grid (time steps) for any registered solver"
     targets = "endpoint"
-    default_solver = "unipc"
+    default_solver = "auto"
     default_lr = 0.05
     default_iters = 60
     default_train_images = 256

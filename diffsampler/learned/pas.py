@@ -85,8 +85,8 @@ class PCACorrected(Solver):
 class PAS(LearnedSampler):
     summary = "PAS: a per-step correction of the direction in a 4-vector basis of the trajectory (any base solver)"
     targets = "steps"
-    default_solver = "ipndm"
-    default_lr = 0.005
+    default_solver = "auto"
+    default_lr = 0.002
     default_iters = 60
     default_train_images = 256
 

@@ -65,7 +65,8 @@ class CorrectedMultistep(Solver):
 class S4S(LearnedSampler):
     summary = "S4S: a learned grid plus per-step corrections on a multistep solver's directions"
     targets = "endpoint"
-    default_solver = "unipc"
+    default_solver = "auto"
+    accepts = ("euler", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc")
     default_lr = 0.01
     default_iters = 60
     default_train_images = 256
