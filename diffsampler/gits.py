@@ -15,7 +15,10 @@ trajectories transfers to all samples:
    chord: a jump that lands on the chord at the wrong place costs nothing.  Where trajectories are
    nearly straight (measured on a synthetic isotropic mixture; flow-matching models aim for it)
    every long jump then looks free and the DP ends on one jump from sigma ~6 to sigma_min; use
-   ``l2`` there (evaluation/results/gits.md has both).
+   ``l2`` there (evaluation/results/gits.md has both).  ``solver`` prices a jump by the student's
+   own update instead of an Euler step (:func:`solver_jump_costs`): the multistep student keeps its
+   history from the teacher's trajectory, so a long jump by a high-order solver is not charged
+   Euler's error.
    (:func:`warm_up` does steps 1-2 once per model; every solver and NFE reuses it; :func:`warm_ups`
    builds the matrices of several metrics from one teacher run.)
 3. Dynamic programming: K steps from point 0 to the last point minimizing
@@ -46,7 +49,7 @@ from .sampling import sample
 from .seeds import seed_noise
 from .solvers import get_solver
 
-METRICS = ("l2", "l1", "dev")
+METRICS = ("l2", "l1", "dev", "solver")
 
 
 @dataclass
@@ -114,13 +117,56 @@ def _dev_jump_costs(x: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> torch.
     return jumped - teacher_dev.t()[None]                     # (T, B, T+1)
 
 
+class _Replay:
+    """An evaluator that answers the teacher's recorded estimate at each teacher point."""
+
+    def __init__(self, denoised: Dict[float, torch.Tensor]):
+        self.denoised = denoised
+
+    def __call__(self, x, sigma):
+        return self.denoised[float(sigma)]
+
+
+def solver_jump_costs(student, states: torch.Tensor, directions: torch.Tensor, sigmas,
+                      reduction: str = "mean") -> torch.Tensor:
+    """(T+1, T+1) cost of the student's own update from teacher point i to sigma_j: the L2 distance
+    between ``student.step`` from x_i and the teacher's x_j, per sample, reduced over the batch.
+
+    The student's history at point i (its multistep state) is what it would hold after walking the
+    teacher's own grid up to i with the teacher's model outputs: exact for single-step solvers,
+    an approximation for multistep ones (whose real history lies on the coarse path).  The step
+    is taken as one step of a longer grid, except a jump to the last point, which is priced as the
+    final step (solvers that lower their order there do so).  Only one-evaluation
+    solvers can be priced this way (their one evaluation is the teacher's at x_i)."""
+    if student.evals_per_step != 1:
+        raise ValueError(f"metric 'solver' prices one-evaluation solvers; {student.name} makes "
+                         f"{student.evals_per_step} evaluations per step: use l2 or dev")
+    n = states.shape[0]
+    grid = [float(s) for s in sigmas]
+    x = states.to(torch.float64)
+    denoised = {grid[m]: x[m] - grid[m] * directions[m].to(torch.float64) for m in range(n - 1)}
+    denoised[grid[-1]] = x[-1]               # at sigma_min the estimate is the sample itself
+    replay = _Replay(denoised)
+    cost = torch.full((n, n), float("inf"), dtype=torch.float64)
+    state = student.init_state()
+    for i in range(n - 1):
+        for j in range(i + 1, n):
+            tail = () if j == n - 1 else tuple(s * 1e-3 for s in grid[-3:])    # the last jump is the last step
+            path = tuple(grid[:i + 1]) + (grid[j],) + tail
+            jumped, _, _ = student.step(replay, x[i], i, path, state)
+            per_sample = (jumped - x[j]).flatten(1).norm(dim=1)
+            cost[i, j] = per_sample.sum() if reduction == "sum" else per_sample.mean()
+        _, _, state = student.step(replay, x[i], i, tuple(grid), state)      # walk the teacher grid
+    return cost
+
+
 def _check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
 
 
 def cost_matrix(states: torch.Tensor, directions: torch.Tensor, sigmas, metric: str = "l2",
-                reduction: str = "mean", max_elements: int = 2 ** 25) -> torch.Tensor:
+                reduction: str = "mean", max_elements: int = 2 ** 25, student=None) -> torch.Tensor:
     """The (T+1, T+1) float64 cost matrix of one-step Euler jumps between teacher points.
 
     ``C[i, j]`` for i < j is the ``reduction`` over the batch of the metric of
@@ -134,6 +180,10 @@ def cost_matrix(states: torch.Tensor, directions: torch.Tensor, sigmas, metric: 
     _check_metric(metric)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if metric == "solver":
+        if student is None:
+            raise ValueError("metric 'solver' needs the student solver (student=...)")
+        return solver_jump_costs(student, states, directions, sigmas, reduction)
     n, batch = states.shape[0], states.shape[1]
     if directions.shape[0] != n - 1 or len(sigmas) != n:
         raise ValueError(f"need T+1 states, T directions and T+1 sigmas, got {n}, {directions.shape[0]}, {len(sigmas)}")
@@ -255,6 +305,10 @@ class WarmUp:
     def schedule(self, nfe: int, solver="ipndm", afs: bool = False, coeff: float = 1.15,
                  solver_options: Optional[dict] = None) -> schedules_module.Schedule:
         student, dp_steps = student_steps(nfe, solver, afs, len(self.grid), solver_options)
+        if self.settings.get("metric") == "solver" and (student.label != self.settings["priced_student"] or
+                                                        dict(solver_options or {}) != self.settings["priced_options"]):
+            raise ValueError(f"this warm-up priced jumps by {self.settings['priced_student']}'s own update: make the "
+                             f"schedule for that solver, or warm up again for {student.label}")
         timings = dict(self.timings)
         t0 = time.perf_counter()
         path = dp_schedule(self.cost, dp_steps, coeff)
@@ -276,7 +330,8 @@ def warm_ups(denoiser, shape: Sequence[int], *, metrics: Sequence[str] = ("dev",
              sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, warmup: int = 256,
              first_seed: int = 0, batch: int = 64, cond: Optional[Callable[[List[int]], dict]] = None,
              dtype=torch.float32, device="cpu", model_name: Optional[str] = None, progress: bool = False,
-             teacher_options: Optional[dict] = None, keep_endpoints: bool = False) -> Dict[str, WarmUp]:
+             teacher_options: Optional[dict] = None, keep_endpoints: bool = False, student=None,
+             student_options: Optional[dict] = None) -> Dict[str, WarmUp]:
     """Teacher trajectories for ``warmup`` seeds and their mean cost matrix (steps 1-2 of GITS), one
     :class:`WarmUp` per metric from a single teacher run.
 
@@ -289,6 +344,14 @@ def warm_ups(denoiser, shape: Sequence[int], *, metrics: Sequence[str] = ("dev",
     metrics = list(dict.fromkeys(metrics))
     for metric in metrics:
         _check_metric(metric)                           # before the teacher runs
+    priced = None
+    if "solver" in metrics:
+        if student is None:
+            raise ValueError("metric 'solver' prices the student's own update: give the student solver")
+        priced = get_solver(student, **(student_options or {}))
+        if priced.evals_per_step != 1:
+            raise ValueError(f"metric 'solver' prices one-evaluation solvers; {priced.name} makes "
+                             f"{priced.evals_per_step} evaluations per step: use l2 or dev")
     default_min, default_max = sigma_range(denoiser)
     sigma_min = default_min if sigma_min is None else sigma_min
     sigma_max = default_max if sigma_max is None else sigma_max
@@ -313,7 +376,8 @@ def warm_ups(denoiser, shape: Sequence[int], *, metrics: Sequence[str] = ("dev",
                                     on_step=ticks.update if ticks is not None else None, **(teacher_options or {}))
         t1 = time.perf_counter()
         for metric in metrics:
-            cost_sums[metric] += cost_matrix(traj.states, traj.directions, grid, metric=metric, reduction="sum").cpu()
+            cost_sums[metric] += cost_matrix(traj.states, traj.directions, grid, metric=metric, reduction="sum",
+                                             student=priced).cpu()
         timings["teacher_s"] += t1 - t0
         timings["cost_matrix_s"] += time.perf_counter() - t1
         if keep_endpoints:
@@ -330,7 +394,9 @@ def warm_ups(denoiser, shape: Sequence[int], *, metrics: Sequence[str] = ("dev",
     for metric in metrics:
         cost = _all_reduce(cost_sums[metric]) / count
         cost.masked_fill_(torch.ones_like(cost, dtype=torch.bool).tril(), float("inf"))
-        out[metric] = WarmUp(grid, cost, {**settings, "metric": metric}, dict(timings), kept, denoiser)
+        extra = {"priced_student": priced.label, "priced_options": dict(student_options or {})} \
+            if metric == "solver" else {}
+        out[metric] = WarmUp(grid, cost, {**settings, "metric": metric, **extra}, dict(timings), kept, denoiser)
     return out
 
 

@@ -154,10 +154,11 @@ class Bench:
                 continue
             seconds = time.perf_counter() - t0
             value, used = self.rmse(learned=sampler)
+            base = {**kw, **sampler.settings.get("base_choice", {}).get("chosen", {})}
             neutral = self.rmse(learned=LEARNED[method].create(self.model, self.model.shape, nfe=nfe, cond=self.cond_fn,
-                                                               dtype=self.dtype, **kw))[0]
+                                                               dtype=self.dtype, **base))[0]
             done[key] = {"rmse": value, "neutral_rmse": neutral, "nfe": used, "train_s": seconds,
-                         "best_iteration": sampler.settings["best_iteration"], "options": {k: v for k, v in kw.items()}}
+                         "best_iteration": sampler.settings["best_iteration"], "options": base}
             self.log(f"[{self.spec}] {key}: {value:.4f} (neutral {neutral:.4f}, baseline {self.baseline(nfe)[0]:.4f}), "
                      f"{seconds:.0f} s")
             self.save()

@@ -15,6 +15,7 @@ from diffsampler.generate import seed_labels
 from diffsampler.models.specs import load_model
 from diffsampler.reference import solve_ode
 from diffsampler.seeds import seed_noise
+from diffsampler.solvers import get_solver
 
 
 def random_cost(n, seed):
@@ -304,3 +305,25 @@ def test_cli_sweeps_nfes_and_coefficients_from_one_warm_up(tmp_path, monkeypatch
     odd = runner.invoke(main, args + ["--solver", "heun", "--nfe", "4,5", "--out", str(tmp_path / "h_{nfe}.json")])
     assert odd.exit_code == 2 and "cannot use nfe=5" in odd.output
     assert not (tmp_path / "one.json").exists() and not list(tmp_path.glob("h_*"))      # nothing half-made
+
+
+def test_solver_metric_prices_euler_exactly_like_the_euler_jump_and_refuses_two_evaluation_solvers():
+    """For Euler the student's own update is the Euler jump: metric 'solver' equals 'l2' exactly;
+    for a multistep student it prices the jump by its own (history-aware) update."""
+    model = load_model("gmm:synthetic:4:1x4x4:0")
+    noise = seed_noise(range(8), model.shape, dtype=torch.float64)
+    grid = torch.tensor([80.0, 20.0, 5.0, 1.0, 0.2, 0.002], dtype=torch.float64)
+    traj = gits.teacher_trajectories(model, noise, grid)
+    euler = gits.cost_matrix(traj.states, traj.directions, grid, metric="solver", student=get_solver("euler"))
+    l2 = gits.cost_matrix(traj.states, traj.directions, grid, metric="l2")
+    upper = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    torch.testing.assert_close(euler[upper], l2[upper], rtol=1e-9, atol=1e-5)   # l2 from Gram matrices: sqrt of ~0
+    ipndm = gits.cost_matrix(traj.states, traj.directions, grid, metric="solver", student=get_solver("ipndm"))
+    torch.testing.assert_close(ipndm[0], euler[0], rtol=1e-9, atol=1e-12)      # no history yet: an Euler step
+    assert not torch.allclose(ipndm[2:, 3:], euler[2:, 3:])                      # then its own multistep update
+    with pytest.raises(ValueError, match="one-evaluation solvers"):
+        gits.warm_up(model, model.shape, metric="solver", student="heun", warmup=4, teacher_steps=10)
+    warm = gits.warm_up(model, model.shape, metric="solver", student="ipndm", warmup=8, teacher_steps=20)
+    assert warm.schedule(4, "ipndm").num_steps == 4
+    with pytest.raises(ValueError, match="priced jumps by ipndm's own update"):
+        warm.schedule(4, "dpmpp")

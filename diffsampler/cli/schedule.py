@@ -40,9 +40,10 @@ def _parse_sweep(nfe_text, coeff_text, out):
 @click.option("--afs/--no-afs", default=False, show_default=True, help="Tune for sampling with an analytical first step.")
 @click.option("--coeff", default="1.15", show_default=True,
               help="DP coefficient on the remaining-path cost; several (e.g. 1.0,1.05,1.15) are fitted from one warm-up.")
-@click.option("--metric", type=click.Choice(["l2", "l1", "dev"]), default="dev", show_default=True,
-              help="Cost of one Euler jump: dev (the paper's: distance from the start-end chord vs the teacher's; "
-                   "blind to error along the chord, so use l2 for models with nearly straight trajectories), l2, l1.")
+@click.option("--metric", type=click.Choice(["l2", "l1", "dev", "solver"]), default="dev", show_default=True,
+              help="Cost of a jump: dev (the paper's: an Euler jump's distance from the start-end chord vs the "
+                   "teacher's; blind to error along the chord, so use l2 for models with nearly straight "
+                   "trajectories), l2, l1 (of an Euler jump), or solver (the L2 error of the student's own update).")
 @click.option("--teacher", default="ipndm", show_default=True, help="Teacher solver.")
 @click.option("--teacher-steps", type=click.IntRange(min=2), default=60, show_default=True,
               help="Intervals of the teacher grid (61 points by default).")
@@ -86,7 +87,8 @@ def schedule_gits(model, trust_pickle, solver, nfe, afs, coeff, metric, teacher,
         warm = gits.warm_up(denoiser, denoiser.shape, teacher=teacher, teacher_steps=teacher_steps,
                             base_schedule=base_schedule, warmup=warmup, first_seed=first_seed, batch=batch,
                             metric=metric, cond=cond, device=device, model_name=model, progress=rank == 0,
-                            keep_endpoints=afs)
+                            keep_endpoints=afs, student=solver if metric == "solver" else None,
+                            student_options=options if metric == "solver" else None)
         warm.settings["conditioning"] = cond.record          # recorded in every schedule file
         made = [(n, c, warm.schedule(n, solver, afs=afs, coeff=c, solver_options=options or None))
                 for n in nfes for c in coeffs]          # every rank: the AFS search sums over ranks
