@@ -5,7 +5,8 @@
     result = sample(model, noise, solver="ipndm", nfe=5)
 
 The public names are loaded on first use, so that ``import diffsampler`` (and the command line's
-``--help``) does not import torch.
+``--help``) does not import torch.  ``diffsampler.distill`` is a callable package:
+``distill(model, nfe=2)`` distils a student (SFD), ``distill.save`` / ``distill.load`` store it.
 """
 import importlib
 
@@ -20,7 +21,8 @@ _PUBLIC = {
     "Denoiser": "models", "GaussianMixture": "models", "DynamicThresholding": "models",
     "load_model": "models.specs",
 }
-_MODULES = ("schedules", "gits", "amed", "learned", "analysis", "pipelines", "models", "solvers", "plan", "sampling")
+_MODULES = ("schedules", "gits", "amed", "learned", "distill", "analysis", "pipelines", "models", "solvers", "plan",
+            "sampling")
 
 __all__ = sorted(_PUBLIC) + ["schedules", "__version__"]
 

@@ -1,6 +1,6 @@
 """Command line: thin commands over the package API (also ``python -m diffsampler``).
 
-    diffsampler list | sample | schedule gits|show | learn METHOD | amed train | fid ref|calc|run |
+    diffsampler list | sample | schedule gits|show | learn METHOD | amed train | distill | fid ref|calc|run |
                 analyze | train model|classifier
 
 Each command is a module here; their shared option groups are :mod:`.options` (no torch import,
@@ -10,7 +10,7 @@ so ``--help`` and usage errors answer at once) and what they do with the parsed 
 import click
 
 from .. import __version__
-from . import analyze, fid, learn, listing, sample, schedule, tools
+from . import analyze, distill, fid, learn, listing, sample, schedule, tools
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,5 +20,5 @@ def main():
 
 
 for command in (listing.list_command, sample.sample_command, schedule.schedule_group, learn.learn_command,
-                learn.amed_group, fid.fid_group, analyze.analyze_command, tools.train_group):
+                learn.amed_group, distill.distill_command, fid.fid_group, analyze.analyze_command, tools.train_group):
     main.add_command(command)

@@ -1,8 +1,11 @@
 """Models shipped with the repository under ``checkpoints/<name>/``.
 
-Each folder holds ``config.json`` (written by :mod:`diffsampler.models.train`) and
+Each folder holds ``config.json`` (written by :mod:`diffsampler.tools.train_unet`) and
 ``model.safetensors`` (float16 EMA weights).  :func:`load_bundled` rebuilds the network from the
 config and returns a ready-to-sample :class:`~diffsampler.models.edm.EDMDenoiser` in float32.
+A distilled student of such a model (:mod:`diffsampler.distill`) is the same folder with a
+``"distilled"`` block in its config (native plans per NFE, how it was made): it loads as a
+:class:`~diffsampler.models.student.StudentDenoiser` that samples with its own grid and NFE rule.
 
 The checkpoints folder is the repository's top-level ``checkpoints/`` (found relative to this
 file); set ``DIFFSAMPLER_CHECKPOINTS`` to use another folder.
@@ -24,6 +27,7 @@ CHECKPOINTS_ENV = "DIFFSAMPLER_CHECKPOINTS"
 DEFAULT_MODEL = "fashion-mnist"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+FORMAT = "diffsampler-edm-unet"
 
 
 class BundledModelError(RuntimeError):
@@ -62,8 +66,9 @@ def load_bundled(
     device: Union[str, torch.device] = "cpu",
     root: Optional[Union[str, Path]] = None,
     verify: bool = True,
-) -> EDMDenoiser:
-    """Load ``checkpoints/<name>/`` as an :class:`EDMDenoiser` (float32, eval mode, no grads).
+):
+    """Load ``checkpoints/<name>/`` as an :class:`EDMDenoiser` (float32, eval mode, no grads), or
+    as a :class:`~diffsampler.models.student.StudentDenoiser` around one for a distilled student.
 
     ``verify`` checks the weights' SHA-256 against the one recorded in ``config.json``.
     """
@@ -114,7 +119,45 @@ def load_bundled(
         shape=shape,
         num_classes=int(config.get("num_classes", unet_cfg.num_classes)),
     )
-    den.name = name
     den.class_names = list(config.get("class_names") or [])
+    if config.get("distilled") is not None:
+        from .student import student_from_config
+        try:
+            den = student_from_config(den, config["distilled"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise BundledModelError(f"corrupt {cfg_path}: its distilled block does not describe a student ({e})") from e
+    den.name = name
     den.config_dict = config
     return den
+
+
+def bundled_config(denoiser) -> Optional[dict]:
+    """``config.json`` of ``denoiser`` in this folder format (an :class:`EDMDenoiser` around a
+    :class:`UNet`, e.g. a fine-tuned copy of a bundled model), or None for any other model.  What
+    the model was loaded with (its dataset, class names, training record) is kept."""
+    if not isinstance(denoiser, EDMDenoiser) or not isinstance(denoiser.net, UNet):
+        return None
+    config = {k: v for k, v in dict(getattr(denoiser, "config_dict", None) or {}).items()
+              if k not in ("weights_sha256", "weights_dtype", "distilled")}
+    config.update({"format": FORMAT, "version": 1, "architecture": "unet", "unet": denoiser.net.config.to_dict(),
+                   **denoiser.config(), "parameters": sum(p.numel() for p in denoiser.net.parameters())})
+    config.setdefault("class_names", list(denoiser.class_names))
+    return config
+
+
+def write_bundled(net: torch.nn.Module, folder: Union[str, Path], config: dict, weights_dtype: str = "float16") -> dict:
+    """Write ``model.safetensors`` (``net``'s weights in ``weights_dtype``) and ``config.json``
+    (``config`` with the dtype and the weights' SHA-256) atomically; returns the written config."""
+    from safetensors.torch import save
+
+    from ..fileio import write_atomic
+    dtypes = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    if weights_dtype not in dtypes:
+        raise ValueError(f"weights dtype must be one of {', '.join(dtypes)}, got {weights_dtype!r}")
+    folder = Path(folder)
+    tensors = {k: v.detach().to("cpu", dtypes[weights_dtype]).contiguous() for k, v in net.state_dict().items()}
+    blob = save(tensors, metadata={"format": FORMAT})
+    write_atomic(folder / WEIGHTS_FILE, blob)
+    config = {**config, "weights_dtype": weights_dtype, "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    write_atomic(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+    return config

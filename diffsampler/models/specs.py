@@ -1,19 +1,23 @@
 """Model specs: the strings ``--model`` accepts, turned into denoisers.
 
     fashion-mnist               the bundled EDM U-Net trained on Fashion-MNIST (class-conditional; default)
-    NAME, bundled:NAME          any model bundled under checkpoints/NAME
+    NAME, bundled:NAME          any model bundled under checkpoints/NAME (fashion-mnist-sfd: an SFD-v student)
+    DIR                         a folder in the bundled format (config.json + model.safetensors), e.g. a
+                                student written by ``diffsampler distill --out DIR``
     digits                      the optimal denoiser of scikit-learn's 8x8 digits
     diffusers:DIR               a saved diffusers pipeline (pixel UNet, Stable Diffusion, SD3, ...)
     edm:PATH.pkl                an NVlabs EDM network snapshot; unpickling runs code from the file, so it
                                 needs trust_pickle=True (--trust-pickle)
-    gmm:digits[:STD]            the same, as a kernel density estimate with bandwidth STD (default 0)
-    gmm:fashion-mnist[:STD]     the same for Fashion-MNIST's training split (needs the dataset)
+    gmm:digits[:STD[:N]]        the same, as a kernel density estimate with bandwidth STD (default 0),
+                                of the first N images if given
+    gmm:fashion-mnist[:STD[:N]] the same for Fashion-MNIST's training split (needs the dataset)
     gmm:synthetic:K:CxHxW[:SEED]  K random isotropic Gaussians in C x H x W (stds 0.1-0.4)
 
 Model families add their names and prefixes here.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Dict
 
 import torch
@@ -23,10 +27,19 @@ from .gmm import GaussianMixture
 
 
 def _dataset_kde(name: str, arg: str) -> GaussianMixture:
+    """``STD[:N]``: the kernel width (default 0) and, optionally, only the first N images."""
     from ..datasets import load_dataset
-    std = float(arg) if arg else 0.0
+    parts = arg.split(":") if arg else []
+    try:
+        std = float(parts[0]) if parts and parts[0] else 0.0
+        count = int(parts[1]) if len(parts) > 1 else None
+    except ValueError:
+        raise ValueError(f"gmm:{name} takes [:STD[:N]] (a kernel width and an image count), got gmm:{name}:{arg}") \
+            from None
+    if len(parts) > 2 or std < 0 or (count is not None and count < 1):
+        raise ValueError(f"gmm:{name} takes [:STD[:N]] with STD >= 0 and N >= 1, got gmm:{name}:{arg}")
     images, _ = load_dataset(name, split="all" if name == "digits" else "train")
-    return GaussianMixture.from_data(images, std=std)
+    return GaussianMixture.from_data(images[:count] if count is not None else images, std=std)
 
 
 def _synthetic(arg: str) -> GaussianMixture:
@@ -101,6 +114,54 @@ def load_model(spec: str = DEFAULT_MODEL, dtype=None, trust_pickle: bool = False
         return _edm(arg, trust_pickle)
     if sep and prefix in PREFIXES:
         return PREFIXES[prefix](arg)
+    if Path(spec).is_dir():
+        return load_folder(spec, dtype=dtype, trust_pickle=trust_pickle)
     names = list(dict.fromkeys([*NAMED, *bundled.available_models()]))
-    raise ValueError(f"unknown model {spec!r}: use one of {', '.join(names)}, or "
-                     f"{', '.join(p + ':...' for p in [*PREFIXES, 'bundled'])}")
+    raise ValueError(f"unknown model {spec!r}: use one of {', '.join(names)}, "
+                     f"{', '.join(p + ':...' for p in [*PREFIXES, 'bundled'])}, or a model folder")
+
+
+def load_folder(folder, dtype=None, trust_pickle: bool = False):
+    """A model folder: the bundled format (a U-Net, or a student of one), or a student of another
+    model (``"architecture": "student"``: its base model spec plus the fine-tuned weights)."""
+    import json
+
+    from . import bundled
+    folder = Path(folder)
+    config_path = folder / bundled.CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{folder} is not a model folder: it has no {bundled.CONFIG_FILE}")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise bundled.BundledModelError(f"corrupt {config_path}: {err}") from None
+    if config.get("architecture") == "student":
+        return _student_folder(folder, config, dtype, trust_pickle)
+    return bundled.load_bundled(folder.name, root=folder.parent)
+
+
+def _student_folder(folder: Path, config: dict, dtype, trust_pickle: bool):
+    """A student of a model that is not in the bundled format (a diffusers UNet, an EDM snapshot)."""
+    import hashlib
+
+    from safetensors.torch import load as st_load
+
+    from .bundled import WEIGHTS_FILE, BundledModelError
+    from .student import student_from_config
+    blob = (folder / WEIGHTS_FILE).read_bytes()
+    if config.get("weights_sha256") and hashlib.sha256(blob).hexdigest() != config["weights_sha256"]:
+        raise BundledModelError(f"corrupt {folder / WEIGHTS_FILE}: SHA-256 does not match the one in config.json")
+    tensors = st_load(blob)
+    inner = load_model(config["base_model"], dtype=dtype, trust_pickle=trust_pickle)
+    net = inner.network
+    param = next(net.parameters())
+    state = {k[len("network."):]: v.to(param.dtype) for k, v in tensors.items() if k.startswith("network.")}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise BundledModelError(f"{folder} does not hold weights of {config['base_model']}: {err}") from None
+    embedding = {k[len("step_embedding."):]: v for k, v in tensors.items() if k.startswith("step_embedding.")}
+    net.requires_grad_(False).eval()
+    student = student_from_config(inner, config["distilled"], embedding or None)
+    student.name, student.config_dict = folder.name, config
+    return student

@@ -14,7 +14,11 @@ The network ``F(x, c_noise, class_labels)`` is the raw function that a precondit
   SiLU, dropout, zero-initialised conv, plus a (1x1 if needed) skip path;
 * embedding: sinusoidal features of ``c_noise`` through a two-layer MLP, plus a bias-free
   linear map of the one-hot class vector -- an all-zero row contributes nothing, which is the
-  "unconditional" input that label dropout trains.
+  "unconditional" input that label dropout trains;
+* optional step-count embedding (``step_embedding=True``, for SFD-v students that sample with
+  several step counts, :mod:`diffsampler.distill`): positional features of ``step_count`` through
+  a two-layer MLP whose last layer starts at zero, added to the noise embedding, so a network that
+  gains it computes exactly what it did before (:meth:`UNet.add_step_embedding`).
 
 The architecture is fully described by :class:`UNetConfig` (a dataclass), which is saved as a
 plain dict next to the weights so that the model can be rebuilt with ``UNet.from_config``.
@@ -48,6 +52,7 @@ class UNetConfig:
     noise_embedding_dim: int = 64
     groups: int = 8
     dropout: float = 0.0
+    step_embedding: bool = False    # an extra input: the number of sampling steps (SFD-v students)
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -179,6 +184,9 @@ class UNet(nn.Module):
             nn.Linear(cfg.noise_embedding_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
         self.class_embed = nn.Linear(cfg.num_classes, emb_dim, bias=False) if cfg.num_classes > 0 else None
+        self.step_features = self.step_mlp = None
+        if cfg.step_embedding:
+            self._build_step_embedding()
 
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
         self.down = nn.ModuleList()
@@ -224,8 +232,31 @@ class UNet(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    def embedding(self, c_noise: torch.Tensor, class_labels: Optional[torch.Tensor]) -> torch.Tensor:
+    def _build_step_embedding(self) -> None:
+        cfg = self.config
+        self.step_features = NoiseEmbedding(cfg.noise_embedding_dim, "positional")
+        self.step_mlp = nn.Sequential(nn.Linear(cfg.noise_embedding_dim, cfg.emb_dim), nn.SiLU(),
+                                      _zero_init(nn.Linear(cfg.emb_dim, cfg.emb_dim)))
+
+    def add_step_embedding(self) -> "UNet":
+        """Give the network a ``step_count`` input (in place; returns it).  The new embedding's
+        last layer is zero, so the outputs are exactly the same as before until it is trained."""
+        if self.step_mlp is None:
+            self.config.step_embedding = True
+            with torch.random.fork_rng(devices=[]):      # the same initial student whatever the global seed
+                torch.manual_seed(0)
+                self._build_step_embedding()
+            self.step_mlp.to(device=self.conv_in.weight.device, dtype=self.conv_in.weight.dtype)
+        return self
+
+    def embedding(self, c_noise: torch.Tensor, class_labels: Optional[torch.Tensor],
+                  step_count: Optional[torch.Tensor] = None) -> torch.Tensor:
         emb = self.noise_mlp(self.noise_features(c_noise))
+        if step_count is not None:
+            if self.step_mlp is None:
+                raise ValueError("this network has no step-count input (UNetConfig.step_embedding is off)")
+            steps = torch.as_tensor(step_count, device=emb.device).reshape(-1).expand(emb.shape[0])
+            emb = emb + self.step_mlp(self.step_features(steps)).to(emb.dtype)
         if self.class_embed is not None and class_labels is not None:
             if class_labels.shape != (emb.shape[0], self.config.num_classes):
                 raise ValueError(
@@ -234,9 +265,11 @@ class UNet(nn.Module):
             emb = emb + self.class_embed(class_labels.to(emb.dtype))
         return F.silu(emb)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
+                step_count: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``step_count``: a number or a ``(B,)`` tensor, for networks with a step embedding."""
         c_noise = c_noise.reshape(-1).expand(x.shape[0]) if c_noise.numel() == 1 else c_noise.reshape(-1)
-        emb = self.embedding(c_noise, class_labels)
+        emb = self.embedding(c_noise, class_labels, step_count)
         h = self.conv_in(x)
         skips = [h]
         for level, blocks in enumerate(self.down):
