@@ -1,0 +1,93 @@
+"""Which defaults the measurements support: the solver, each solver's schedule and options.
+
+    python -m evaluation.defaults          # reads the untrained sweeps of evaluation.learned_benchmark
+
+For every benchmark model and NFE 3-10 the sweep gives the endpoint RMSE of every solver x
+schedule x AFS configuration (held-out seeds; exact endpoints or converged samples).  A
+configuration's *ratio* at one (model, NFE) is its RMSE over the best configuration's there; a
+choice is scored by the geometric mean of its ratios over all models and NFEs (1 = always the best).
+
+* each solver's default schedule: the schedule with the lowest score, AFS off (AFS is a request,
+  not a default: it hurts where the data mean is far from zero, the bundled model);
+* option variants: ipndm_v legacy vs exact weights, DPM-Solver++ reference vs exact third order;
+* the default solver: the solver whose default configuration scores lowest.
+
+Writes results/defaults.json and results/defaults.md.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+
+from evaluation.common import RESULTS, machine, markdown_table
+from evaluation.learned_benchmark import CACHE_DIR, MODELS, SEEDS
+from evaluation.common import slug
+
+
+def load_sweeps(nfes=range(3, 11)):
+    """{(model, nfe): {label: rmse}} from the recorded sweeps."""
+    table = defaultdict(dict)
+    for spec in MODELS:
+        path = CACHE_DIR / f"{slug(spec)}_seeds{SEEDS.get(spec, 128)}.json"
+        if not path.is_file():
+            continue
+        for key, value in json.loads(path.read_text())["sweep"].items():
+            label, nfe = key.rsplit(" @ ", 1)
+            if value is not None and int(nfe) in nfes:
+                table[(spec, int(nfe))][label] = value
+    return table
+
+
+def parts(label):
+    solver, schedule, *afs = [p.strip() for p in label.split("|")]
+    return solver, schedule, bool(afs)
+
+
+def score(table, predicate):
+    """Geometric-mean ratio to the best, over the (model, NFE) cells where a matching
+    configuration exists (the best matching one in each cell), and the number of cells."""
+    logs = []
+    for cell, rows in table.items():
+        best = min(rows.values())
+        mine = [v for label, v in rows.items() if predicate(label)]
+        if mine:
+            logs.append(math.log(min(mine) / best))
+    return (math.exp(sum(logs) / len(logs)) if logs else float("inf")), len(logs)
+
+
+def main() -> int:
+    table = load_sweeps()
+    models = sorted({m for m, _ in table})
+    solvers = sorted({parts(label)[0] for rows in table.values() for label in rows})
+    schedules = sorted({parts(label)[1] for rows in table.values() for label in rows})
+    per_solver = {}
+    for solver in solvers:
+        by_schedule = {s: score(table, lambda l, s=s, solver=solver: parts(l)[0] == solver and parts(l)[1] == s
+                                and not parts(l)[2])[0] for s in schedules}
+        with_afs = {s: score(table, lambda l, s=s, solver=solver: parts(l)[0] == solver and parts(l)[1] == s
+                             and parts(l)[2])[0] for s in schedules}
+        best = min(by_schedule, key=by_schedule.get)
+        per_solver[solver] = {"schedules": by_schedule, "schedules_with_afs": with_afs, "best_schedule": best,
+                              "score": by_schedule[best]}
+    ranking = sorted(per_solver, key=lambda s: per_solver[s]["score"])
+    report = {"models": models, "cells": len(table), "per_solver": per_solver, "ranking": ranking,
+              "machine": machine()}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "defaults.json").write_text(json.dumps(report, indent=1) + "\n")
+    rows = [[s, f"{per_solver[s]['score']:.2f}", per_solver[s]["best_schedule"],
+             *[f"{per_solver[s]['schedules'][k]:.2f} / {per_solver[s]['schedules_with_afs'][k]:.2f}" for k in schedules]]
+            for s in ranking]
+    md = ["# Defaults by measurement", "",
+          f"Models: {', '.join(models)}; NFE 3-10 ({len(table)} model x NFE cells). Score: geometric mean over "
+          "the cells of RMSE / best RMSE in that cell (1.00 = always the best configuration). Columns per "
+          "schedule: without AFS / with AFS.", "",
+          markdown_table(["solver (variant)", "score (best schedule, no AFS)", "best schedule",
+                          *[f"{k}" for k in schedules]], rows), ""]
+    (RESULTS / "defaults.md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
