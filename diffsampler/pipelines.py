@@ -119,10 +119,11 @@ def run(pipe, prompt: Union[None, str, Sequence[str]] = None, solver="ipndm", nf
         sigmas: Optional[Sequence[float]] = None, schedule_options: Optional[dict] = None, afs: Optional[bool] = None,
         denoise_to_zero: bool = False, output_type: str = "pil", callback: Optional[Callable] = None,
         progress: bool = False, prompt_options: Optional[dict] = None, distilled_guidance: Optional[float] = None,
-        **solver_options) -> RunOutput:
+        learned=None, **solver_options) -> RunOutput:
     """Sample a diffusers pipeline with a diffsampler solver (see the module docstring).
 
-    ``nfe`` defaults to 5 unless the grid is fixed (``sigmas=`` or a schedule file / Schedule)."""
+    ``nfe`` defaults to 5 unless the grid is fixed (``sigmas=`` or a schedule file / Schedule);
+    ``learned=`` (a learned-sampler file or object) brings its own solver and grid."""
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     if int(num_images_per_prompt) < 1:
@@ -174,8 +175,12 @@ def run(pipe, prompt: Union[None, str, Sequence[str]] = None, solver="ipndm", nf
     den: Denoiser = model if scale == 1.0 else ClassifierFreeGuidance(model, scale, uncond=uncond)
 
     # 2. grid
-    plan = make_plan(solver, nfe, schedule, sigmas=sigmas, schedule_options=schedule_options, afs=afs,
-                     denoise_to_zero=denoise_to_zero, model=model, default_nfe=DEFAULT_NFE, **solver_options)
+    if isinstance(learned, (str, Path)):
+        from .learned import load_learned
+        learned = load_learned(learned, device=model.device)
+    plan = make_plan(None if learned is not None else solver, nfe, schedule, sigmas=sigmas,
+                     schedule_options=schedule_options, afs=afs, denoise_to_zero=denoise_to_zero, model=den,
+                     default_nfe=None if learned is not None else DEFAULT_NFE, learned=learned, **solver_options)
     grid = plan.sigma_tensor()
 
     # 3. starting point, in the pipeline's convention (standard normal in the model's space)

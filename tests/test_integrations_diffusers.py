@@ -237,9 +237,9 @@ def test_gits_schedule_plugs_into_both(sd, tmp_path):
 
 def test_refusals(ddpm, tmp_path):
     config = ddpm.scheduler.config
-    with pytest.raises(ValueError, match="AMED predictors.*pipelines.run"):
+    with pytest.raises(ValueError, match="learned samplers .AMED.*pipelines.run"):
         DiffSamplerScheduler.from_config(config, amed="amed.pt")
-    with pytest.raises(ValueError, match="AMED predictors.*pipelines.run"):
+    with pytest.raises(ValueError, match="learned samplers .AMED.*pipelines.run"):
         DiffSamplerScheduler.from_config(config, solver="amed", predictor=object())
     with pytest.raises(ValueError, match="analytical first step.*pipelines.run"):
         DiffSamplerScheduler.from_config(config, afs=True)

@@ -471,9 +471,10 @@ def _refuse_amed(solver, options, amed) -> None:
     learned = amed is not None or options.get("predictor") is not None or \
         (isinstance(solver, (str, Path)) and str(solver).endswith(".pt"))
     if learned:
-        raise ValueError("AMED predictors choose each step's intermediate time per sample from the model's features "
-                         "while sampling, but a diffusers pipeline fixes its timesteps for the whole batch before "
-                         f"its loop: {USE_RUN} (e.g. `diffsampler sample --model diffusers:DIR --amed FILE`)")
+        raise ValueError("learned samplers (AMED's per-sample intermediate times, EPD's parallel points, the trained "
+                         "steps of LD3/S4S/PAS) run inside diffsampler's own loop, but a diffusers pipeline fixes "
+                         f"its timesteps and steps for the whole batch before its loop: {USE_RUN} with learned=... "
+                         "(e.g. `diffsampler sample --model diffusers:DIR --learned FILE`)")
 
 
 def _no_network(*args, **kwargs):

@@ -28,9 +28,10 @@ analytical first step).  ``name`` may also be a file that brings its own grid:
 
 * a **schedule file** (``.json``, e.g. from ``diffsampler schedule gits``): sampled with the
   solver, solver options and AFS setting the file records (``options`` override them);
-* an **AMED predictor file** (``.pt``, from ``diffsampler amed train``): sampled with the solver
-  and grid it was trained on.  It reads the model's features, so it needs the model it was
-  trained for (a diffsampler denoiser passed as ``model``); another model is refused.
+* a **learned-sampler file** (``.pt``, from ``diffsampler learn`` or ``diffsampler amed train``):
+  sampled with the solver and grid it was trained on.  It was made for one model (its
+  fingerprint is recorded), so it needs that model (a diffsampler denoiser passed as ``model``);
+  another model is refused.
 
 With a file the incoming grid is replaced by the file's: ``x`` is rescaled from ``sigmas[0]`` to
 the file's first sigma (``x * file[0] / sigmas[0]``), the file's sigmas are walked, and a trailing
@@ -80,12 +81,12 @@ def sampler(name: str, **options) -> "KDiffusionSampler":
         return KDiffusionSampler(solver, merged, afs=afs, schedule=path)
     if path.suffix == ".pt":
         if not path.is_file():
-            raise FileNotFoundError(f"no AMED predictor file at {path}")
+            raise FileNotFoundError(f"no learned-sampler file at {path}")
         if options or afs is not None:
-            raise ValueError("an AMED predictor file fixes its solver, grid and AFS: give no options")
+            raise ValueError("a learned-sampler file fixes its solver, grid and AFS: give no options")
         return KDiffusionSampler("amed", {}, learned=path)
     raise ValueError(f"unknown sampler {str(name)!r}: give a solver name ({', '.join(solver_names())}), "
-                     "a schedule file (.json) or an AMED predictor file (.pt)")
+                     "a schedule file (.json) or a learned-sampler file (.pt)")
 
 
 class KDiffusionSampler:
@@ -184,8 +185,8 @@ class CallerModel(Denoiser):
 
 
 def _learned_sample(den, noise, path, **request):
-    """Sampling with a learned-sampler file (today: AMED predictors through ``sample(amed=...)``)."""
-    return sample(den, noise, amed=str(path), **request)
+    """Sampling with a learned-sampler file (any method: ``sample(learned=...)``)."""
+    return sample(den, noise, learned=str(path), **request)
 
 
 def _split_sigmas(sigmas):
