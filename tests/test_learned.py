@@ -3,6 +3,7 @@ solver exactly, training lowers the held-out error against the exact endpoint of
 mixture, files round-trip to identical samples and are refused elsewhere, NFE is measured, and
 torchrun training equals one process."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -166,7 +167,10 @@ def test_torchrun_training_equals_one_process(tmp_path):
         "if torch.distributed.is_initialized():\n    torch.distributed.destroy_process_group()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], env=env, capture_output=True, text=True)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    with socket.socket() as probe:                  # a free port (another job may hold the usual ones)
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                           str(script), str(tmp_path / "two.pt")], env=env, capture_output=True, text=True)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     a, b = load_learned(tmp_path / "one.pt"), load_learned(tmp_path / "two.pt")

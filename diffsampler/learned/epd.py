@@ -34,7 +34,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..solvers import Solver, get_solver
+from ..solvers import get_solver
+from ..solvers.base import Answered, Wrapped
 from .base import LearnedSampler
 from ..plan import make_plan
 from .grid import plan_settings
@@ -43,24 +44,10 @@ from .registry import register_learned
 PLUGIN_BASES = ("ipndm", "ipndm_v", "deis", "dpmpp", "euler")
 
 
-class _Given:
-    """An evaluator whose first call at (x_i, sigma_i) returns an already computed estimate."""
-
-    def __init__(self, evaluate, denoised):
-        self.evaluate, self.denoised = evaluate, denoised
-
-    def __call__(self, x, sigma):
-        if self.denoised is not None:
-            out, self.denoised = self.denoised, None
-            return out
-        return self.evaluate(x, sigma)
-
-
 @dataclass
-class ParallelDirections(Solver):
-    """The EPD step rule (see the module docstring)."""
+class ParallelDirections(Wrapped):
+    """The EPD step rule (see the module docstring); ``base=None`` is EPD-Solver."""
 
-    base: Optional[Solver] = None
     positions: Optional[Any] = None          # (steps, K) raw parameters of r
     weights: Optional[Any] = None            # (steps, K) lambda
 
@@ -112,7 +99,7 @@ class ParallelDirections(Solver):
             return x_next, denoised, (base_state, (x - denoised) / sigma)
         direction = self._ensemble(evaluate, x, previous, i, sigmas)
         denoised = x - sigma * direction         # the estimate that the ensemble direction stands for
-        x_next, _, base_state = self.base.step(_Given(evaluate, denoised), x, i, sigmas, base_state)
+        x_next, _, base_state = self.base.step(Answered(evaluate, denoised), x, i, sigmas, base_state)
         return x_next, denoised, (base_state, direction)
 
 

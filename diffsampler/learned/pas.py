@@ -25,7 +25,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..solvers import Solver, get_solver
+from ..solvers import get_solver
+from ..solvers.base import Wrapped
 from .base import LearnedSampler
 from .grid import base_plan, plan_settings
 from .registry import register_learned
@@ -46,22 +47,10 @@ def trajectory_basis(vectors, size: int) -> torch.Tensor:
 
 
 @dataclass
-class PCACorrected(Solver):
+class PCACorrected(Wrapped):
     """A base solver's step with its direction corrected in the trajectory's own basis (PAS)."""
 
-    base: Optional[Solver] = None
     coefficients: Optional[Any] = None       # (steps, basis) tensor
-
-    @property
-    def name(self) -> str:
-        return self.base.name
-
-    @property
-    def order(self) -> int:
-        return self.base.order
-
-    def num_evals(self, num_steps, afs=False, denoise_to_zero=False):
-        return self.base.num_evals(num_steps, afs, denoise_to_zero)
 
     def init_state(self):
         return self.base.init_state(), None, ()

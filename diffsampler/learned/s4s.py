@@ -24,29 +24,18 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..solvers import Solver, get_solver
+from ..solvers import get_solver
+from ..solvers.base import Wrapped
 from .base import LearnedSampler
 from .grid import LearnedGrid, base_plan, plan_settings
 from .registry import register_learned
 
 
 @dataclass
-class CorrectedMultistep(Solver):
+class CorrectedMultistep(Wrapped):
     """A one-evaluation solver's step plus ``h * sum_j c[i, j] d_{i-j}`` (the S4S correction)."""
 
-    base: Optional[Solver] = None
     coefficients: Optional[Any] = None       # (steps, history) tensor
-
-    @property
-    def name(self) -> str:                    # the plan and messages name the base
-        return self.base.name
-
-    @property
-    def order(self) -> int:
-        return self.base.order
-
-    def num_evals(self, num_steps, afs=False, denoise_to_zero=False):
-        return self.base.num_evals(num_steps, afs, denoise_to_zero)
 
     def init_state(self):
         return self.base.init_state(), ()

@@ -32,24 +32,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from .base import Solver
+from .base import Answered, Solver
 from .dpm2 import midpoint_step
 from .registry import get_solver, register
 
 PLUGIN_BASES = ("euler", "ipndm", "dpmpp", "dpm2")
-
-
-class _Replay:
-    """An evaluator whose first call returns an already computed ``denoised`` (same x, sigma)."""
-
-    def __init__(self, evaluate, denoised):
-        self.evaluate, self.denoised = evaluate, denoised
-
-    def __call__(self, x, sigma):
-        if self.denoised is not None:
-            denoised, self.denoised = self.denoised, None
-            return denoised
-        return self.evaluate(x, sigma)
 
 
 def _time_scaled(evaluate, scale_time):
@@ -129,7 +116,7 @@ class AMED(Solver):
         r, scale_dir, scale_time = self.intermediate(evaluate, x, denoised, sigma, sigma_next)
         fine = fine[:at + 1] + [sigma ** (1 - r) * sigma_next ** r] + fine[at + 2:]
         grid = tuple(fine)
-        x_mid, _, base_state = self.base.step(_Replay(evaluate, denoised), x, at, grid, base_state)
+        x_mid, _, base_state = self.base.step(Answered(evaluate, denoised), x, at, grid, base_state)
         x_base, _, base_state = self.base.step(_time_scaled(evaluate, scale_time), x_mid, at + 1, grid, base_state)
         x_next = x_base if isinstance(scale_dir, float) and scale_dir == 1.0 else x_mid + scale_dir * (x_base - x_mid)
         return x_next, denoised, (base_state, fine)

@@ -22,7 +22,7 @@ denoise-to-zero adds one final evaluation at ``sigma_min``.  A grid of ``num_ste
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, Dict, List, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -92,6 +92,42 @@ class Solver:
     @classmethod
     def options(cls) -> List[str]:
         return [f.name for f in fields(cls)]
+
+
+class Answered:
+    """An evaluator whose first call returns an estimate already computed for that (x, sigma):
+    lets a wrapper hand a base solver's step the evaluation it has made itself."""
+
+    def __init__(self, evaluate, denoised):
+        self.evaluate, self.denoised = evaluate, denoised
+
+    def __call__(self, x, sigma):
+        if self.denoised is not None:
+            denoised, self.denoised = self.denoised, None
+            return denoised
+        return self.evaluate(x, sigma)
+
+
+@dataclass
+class Wrapped(Solver):
+    """A solver built around a ``base`` solver (learned samplers' step rules): its name, order and
+    NFE rule are the base's unless the wrapper says otherwise."""
+
+    base: Optional["Solver"] = None
+
+    @property
+    def name(self) -> str:
+        return self.base.name
+
+    @property
+    def order(self) -> int:
+        return self.base.order
+
+    def num_evals(self, num_steps: int, afs: bool = False, denoise_to_zero: bool = False) -> int:
+        return self.base.num_evals(num_steps, afs, denoise_to_zero)
+
+    def nfe_rule(self) -> str:
+        return self.base.nfe_rule()
 
 
 def check_order(value: int, allowed: Sequence[int], solver: str) -> None:
