@@ -62,6 +62,8 @@ class TrainConfig:
     batch: int = 128
     lr: float = 1e-3
     warmup_steps: int = 200
+    lr_schedule: str = "constant"    # or "cosine": decays to lr * lr_min_ratio at the last step
+    lr_min_ratio: float = 0.1
     adam_betas: Tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 0.0           # 0 = off
     ema_decay: float = 0.999
@@ -75,6 +77,7 @@ class TrainConfig:
     sigma_max: float = 80.0
     seed: int = 0
     threads: int = 1
+    device: str = "cpu"              # random draws stay on the CPU, so a run is the same on any device
     minutes: Optional[float] = None  # wall-clock budget of this invocation
     save_every: int = 250
     log_every: int = 50
@@ -216,8 +219,11 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
     shape = tuple(images.shape[1:])
     n_data = images.shape[0]
 
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    device = torch.device(cfg.device)
     denoiser = build_denoiser(cfg, shape, num_classes)
-    net = denoiser.net
+    net = denoiser.net.to(device)
     memfmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net.to(memory_format=memfmt)
     denoiser.channels_last = cfg.channels_last
@@ -234,6 +240,7 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
+        net.to(device), ema.to(device)
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         step, elapsed_before, losses = state["step"], state["elapsed"], state["losses"]
@@ -296,12 +303,15 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
         if cfg.hflip:
             flip = torch.rand(cfg.batch, generator=gen) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        x0 = x0.to(device)
         x0 = x0.contiguous(memory_format=memfmt) if x0.ndim == 4 else x0
-        y = one_hot_with_dropout(labels[idx], num_classes, cfg.label_dropout, gen)
-        sigma = sample_sigma(cfg, cfg.batch, gen)
-        noise = torch.randn(x0.shape, generator=gen).contiguous(memory_format=memfmt)
+        y = one_hot_with_dropout(labels[idx], num_classes, cfg.label_dropout, gen).to(device)
+        sigma = sample_sigma(cfg, cfg.batch, gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device).contiguous(memory_format=memfmt)
 
         lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        if cfg.lr_schedule == "cosine":
+            lr *= cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps)))
         for group in opt.param_groups:
             group["lr"] = lr
         loss = denoising_loss(denoiser, x0, sigma, noise, y)
@@ -362,6 +372,9 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=["constant", "cosine"])
+    p.add_argument("--lr-min-ratio", type=float, default=d.lr_min_ratio, help="cosine: final lr / lr")
+    p.add_argument("--device", default=d.device, help="cpu or cuda (random draws stay on the CPU)")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--label-dropout", type=float, default=d.label_dropout)
