@@ -80,8 +80,8 @@ def test_no_import_circle():
 
 # Layers that see every model through the Denoiser contract; models/, pipelines and integrations
 # adapt foreign objects (diffusers pipelines, EDM pickles) and may inspect those.
-CONTRACT_LAYERS = ("solvers", "learned", "cli", "analysis", "metrics", "plan.py", "loop.py", "sampling.py",
-                   "gits.py", "generate.py", "reference.py")
+CONTRACT_LAYERS = ("solvers", "learned", "distill", "cli", "analysis", "metrics", "plan.py", "loop.py",
+                   "sampling.py", "gits.py", "generate.py", "reference.py")
 
 
 @pytest.mark.parametrize("pattern", [r"type\([^)]*\)\.__name__\s*(==|!=|in\b)", r"\bhasattr\(",

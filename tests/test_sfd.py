@@ -248,3 +248,44 @@ def test_torchrun_two_processes_distil_the_student_of_one(tmp_path):
         x, y = (sample(m, noise, nfe=k, cond=cond).samples for m in (single, double))
         assert torch.allclose(x, y, atol=1e-4), float((x - y).abs().max())
 
+
+
+def test_sfd_v_on_a_diffusers_unet_through_a_hook_on_its_time_embedding(tmp_path):
+    """Any torch network: a tiny diffusers UNet2DModel pipeline gets the step embedding on the output
+    of its time_embedding module; the fresh student is its teacher, the trained one is saved with its
+    base model's spec and samples from its folder."""
+    from tiny_pipelines import ddpm_pipe
+    ddpm_pipe(torch.float32).save_pretrained(tmp_path / "ddpm")
+    spec = f"diffusers:{tmp_path / 'ddpm'}"
+    teacher = load_model(spec)
+    fresh = make_student(teacher, TWO_PLANS, step_module="time_embedding")
+    x, sigma = torch.randn(3, *teacher.shape), torch.tensor([20.0, 1.0, 0.05])
+    with torch.no_grad():
+        assert torch.equal(fresh(x, sigma, step_count=3), teacher(x, sigma))
+    out = tmp_path / "student"
+    result = CliRunner().invoke(main, ["distill", "--model", spec, "--nfe", "2-3", "--step-module", "time_embedding",
+                                       "--iters", "2", "--batch", "2", "--val-images", "2", "--lr", "1e-3",
+                                       "--weights-dtype", "float32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "student" and config["base_model"] == spec
+    student = load_model(str(out))
+    assert student.step_input == "hook" and student.nfes == [2, 3]
+    noise = seed_noise(range(2), teacher.shape)
+    calls = network_calls(student)
+    assert sample(student, noise, nfe=3).nfe == 3 and len(calls) == 3
+    assert not torch.equal(sample(student, noise, nfe=2).samples,
+                           sample(teacher, noise, solver="euler", nfe=2, afs=True).samples)
+
+
+def test_the_bundled_sfd_student_samples_with_its_own_grid():
+    student = load_model("fashion-mnist-sfd")
+    assert isinstance(student, StudentDenoiser) and student.nfes == [2, 3, 4, 5]
+    noise = seed_noise(range(4), student.shape)
+    cond = {"class_labels": torch.eye(10)[[0, 1, 7, 9]]}
+    calls = network_calls(student)
+    out = sample(student, noise, nfe=2, cond=cond)
+    assert out.nfe == 2 and len(calls) == 2 and out.sigmas.tolist() == polynomial(3, 0.002, 80.0).tolist()
+    assert out.samples.abs().max() < 1.5
+    with pytest.raises(ValueError, match="distilled for NFE 2, 3, 4, 5, not 6"):
+        sample(student, noise, nfe=6, cond=cond)
