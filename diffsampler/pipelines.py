@@ -111,7 +111,7 @@ def denoiser_for_pipeline(pipe, height: Optional[int] = None, width: Optional[in
     return den
 
 
-def run(pipe, prompt: Union[None, str, Sequence[str]] = None, solver="ipndm", nfe: Optional[int] = None, schedule=None, *,
+def run(pipe, prompt: Union[None, str, Sequence[str]] = None, solver=None, nfe: Optional[int] = None, schedule=None, *,
         guidance: Optional[float] = None, negative_prompt: Union[None, str, Sequence[str]] = None,
         num_images_per_prompt: int = 1, seed: Union[None, int, Sequence[int]] = None,
         generator: Optional[torch.Generator] = None, latents: Optional[torch.Tensor] = None,

@@ -400,7 +400,7 @@ def test_ipndm_v_integrates_polynomials_exactly(max_order):
     for seed in (1, 2, 3):
         grid = random_grid(7, seed)
         for degree in range(0, max_order + 1):
-            errors = step_errors("ipndm_v", degree, grid, seed=seed, max_order=max_order)
+            errors = step_errors("ipndm_v", degree, grid, seed=seed, max_order=max_order, legacy=False)
             for i, err in enumerate(errors):
                 k = min(max_order, i + 1)
                 if degree < k:
@@ -421,13 +421,13 @@ def test_ipndm_fixed_weights_exact_only_on_uniform_grids(degree, max_order):
             assert err < 1e-12, f"ipndm order {max_order}, uniform grid, step {i}: relative error {err:.2e} on degree {degree}"
     for i in range(max_order - 1, 8):   # the fixed and the variable weights agree on a uniform grid
         fixed = get_solver("ipndm", max_order=max_order).coefficients(grid, i, max_order)
-        variable = get_solver("ipndm_v", max_order=max_order).coefficients(grid, i, max_order)
+        variable = get_solver("ipndm_v", max_order=max_order, legacy=False).coefficients(grid, i, max_order)
         np.testing.assert_allclose(fixed, variable, rtol=1e-12, err_msg=f"ipndm vs ipndm_v weights, uniform step {i}")
 
     worst = 0.0
     for seed in (1, 2, 3):
         grid = random_grid(8, seed)
-        exact = step_errors("ipndm_v", degree, grid, seed=seed, max_order=max_order)
+        exact = step_errors("ipndm_v", degree, grid, seed=seed, max_order=max_order, legacy=False)
         fixed = step_errors("ipndm", degree, grid, seed=seed, max_order=max_order)
         for i in range(degree, 8):   # steps whose order exceeds the degree
             assert exact[i] < 1e-12, f"ipndm_v step {i}: relative error {exact[i]:.2e}"

@@ -95,7 +95,7 @@ def test_ipndm_v_legacy_differs_from_exact_where_the_formula_says():
     uniform = tuple(np.linspace(4.0, 1.0, 9).tolist())
     h = uniform[1] - uniform[0]
     legacy = {k: get_solver("ipndm_v", max_order=k, legacy=True) for k in (2, 3, 4)}
-    exact = {k: get_solver("ipndm_v", max_order=k) for k in (2, 3, 4)}
+    exact = {k: get_solver("ipndm_v", max_order=k, legacy=False) for k in (2, 3, 4)}
     np.testing.assert_allclose(np.array(legacy[3].coefficients(uniform, 5, 3)) / h, [23 / 12, -16 / 12, 5 / 12], rtol=1e-12)
     np.testing.assert_allclose(np.array(legacy[4].coefficients(uniform, 5, 4)) / h, [57 / 24, -65 / 24, 43 / 24, -11 / 24],
                                rtol=1e-12)
@@ -140,9 +140,10 @@ def test_ipndm_v_legacy_is_an_option_that_samples():
     """legacy=True goes through sample(); the default stays the exact method."""
     model = mixture()
     noise = torch.randn(3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    exact = sample(model, noise, solver="ipndm_v", nfe=6).samples
-    legacy = sample(model, noise, solver="ipndm_v", nfe=6, legacy=True).samples
-    assert get_solver("ipndm_v").legacy is False and "legacy" in get_solver("ipndm_v").options()
+    exact = sample(model, noise, solver="ipndm_v", nfe=6, legacy=False).samples
+    legacy = sample(model, noise, solver="ipndm_v", nfe=6).samples
+    # the default is the legacy weights: measured more accurate at NFE 3-10 (evaluation/results/defaults.md)
+    assert get_solver("ipndm_v").legacy is True and "legacy" in get_solver("ipndm_v").options()
     assert float((exact - legacy).abs().max()) > 1e-6
 
 
@@ -310,5 +311,5 @@ def test_deis_variant_is_validated_and_samples():
 # --- 3. DPM-Solver++ legacy third order --------------------------------------------------------------
 
 def test_dpmpp_legacy_third_order_stays():
-    assert get_solver("dpmpp").legacy_third_order is False
+    assert get_solver("dpmpp").legacy_third_order is True      # the default, by measurement
     assert get_solver("dpmpp", legacy_third_order=True).order == 2

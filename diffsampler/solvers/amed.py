@@ -37,6 +37,9 @@ from .dpm2 import midpoint_step
 from .registry import get_solver, register
 
 PLUGIN_BASES = ("euler", "ipndm", "dpmpp", "dpm2")
+# The plugin bases as AMED was built and measured with (DPM-Solver++ with its exact third-order
+# weight, the default then), so predictor files keep sampling as they were trained.
+PLUGIN_OPTIONS = {"dpmpp": {"legacy_third_order": False}}
 
 
 def _time_scaled(evaluate, scale_time):
@@ -51,6 +54,7 @@ class AMED(Solver):
     base: Optional[Union[str, Solver]] = None
     plain_first: bool = False
     evals_per_step = 2
+    default_schedule, default_schedule_options = "polynomial", {}    # AMED's, as trained and measured
     summary = "AMED-Solver / AMED-Plugin (learned intermediate time; r=0.5 without a predictor)"
 
     def __post_init__(self):
@@ -60,7 +64,7 @@ class AMED(Solver):
             if self.base not in PLUGIN_BASES:
                 raise ValueError(f"amed: base solver must be one of {', '.join(PLUGIN_BASES)} (or none for "
                                  f"AMED-Solver), got {self.base!r}")
-            self.base = get_solver(self.base)
+            self.base = get_solver(self.base, **PLUGIN_OPTIONS.get(self.base, {}))
         if self.base is not None and self.base.name not in PLUGIN_BASES:
             raise ValueError(f"amed: base solver must be one of {', '.join(PLUGIN_BASES)}, got {self.base.name!r}")
 

@@ -26,6 +26,8 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tupl
 
 import torch
 
+from ..defaults import DEFAULT_SCHEDULE, DEFAULT_SCHEDULE_OPTIONS
+
 Evaluate = Callable[[torch.Tensor, float], torch.Tensor]
 
 
@@ -35,8 +37,8 @@ class Solver:
 
     name: ClassVar[str] = ""
     evals_per_step: ClassVar[int] = 1
-    default_schedule: ClassVar[str] = "polynomial"
-    default_schedule_options: ClassVar[Dict[str, Any]] = {}
+    default_schedule: ClassVar[str] = DEFAULT_SCHEDULE
+    default_schedule_options: ClassVar[Dict[str, Any]] = DEFAULT_SCHEDULE_OPTIONS
     summary: ClassVar[str] = ""
 
     @property

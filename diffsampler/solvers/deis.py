@@ -73,8 +73,6 @@ _TIME_TORCH = {"vp": vp_time,
 @dataclass
 class DEIS(AdamsBashforth):
     variant: str = "vp"
-    default_schedule = "time_uniform"
-    default_schedule_options = {"rho": 2.0}
     summary = "DEIS tAB: Adams-Bashforth in VP time, orders 1-4 (4 = tAB3); variant='diff-sampler': their time map"
 
     def __post_init__(self):

@@ -32,7 +32,6 @@ def expm1(value):
 class ExponentialMultistep(Solver):
     max_order: int = 3
     lower_order_final: bool = True
-    default_schedule = "logsnr"
 
     def __post_init__(self):
         check_order(self.max_order, (1, 2, 3), self.name)
