@@ -9,8 +9,9 @@ nowhere else:
 
 What a request may say, and how it is resolved:
 
-* **solver**: a registered name or alias (``diffsampler list``), or a Solver instance; default
-  ``DEFAULT_SOLVER``.  Solver options are keyword arguments.
+* **solver**: a registered name or alias (``diffsampler list``), or a Solver instance; default:
+  a schedule file's own solver (with its recorded options), else ``DEFAULT_SOLVER``.  Solver
+  options are keyword arguments.
 * **grid**: exactly one of an explicit ``sigmas`` list; a fixed schedule (a :class:`Schedule` or a
   schedule file: checked against the model's shape, sigma range and fingerprint, and supplying
   its AFS setting unless ``afs`` is given); or a schedule name / function (default: the solver's
@@ -117,7 +118,9 @@ def make_plan(solver=None, nfe: Optional[int] = None, schedule=None, *, sigmas: 
     native = model.native_plans() if isinstance(model, Denoiser) else {}
     if native and solver is None and schedule is None and sigmas is None and steps is None:
         return _native_plan(native, nfe, default_nfe, afs, denoise_to_zero, schedule_options, solver_options)
-    solver = get_solver(DEFAULT_SOLVER if solver is None else solver, **solver_options)
+    if solver is None:
+        solver, solver_options = _file_solver(schedule, schedule_options, solver_options)
+    solver = get_solver(solver, **solver_options)
     if nfe is not None and steps is not None:
         raise ValueError("give nfe= (model evaluations) or steps= (solver steps), not both")
     if sigmas is not None and (schedule is not None or schedule_options):
@@ -187,6 +190,19 @@ def _with_model_table(schedule, schedule_options, model) -> Optional[dict]:
         raise ValueError("schedule 'discrete' takes the model's own integer training timesteps, and this model has "
                          "none (it is a continuous-time model): use polynomial, logsnr, time_uniform or time_quadratic")
     return {**table, **(schedule_options or {})}
+
+
+def _file_solver(schedule, schedule_options, solver_options):
+    """Without a named solver: a schedule file's own solver (the one it was fitted for, with its
+    recorded options under the given ones), else the package default."""
+    if schedule is None or callable(schedule) and not isinstance(schedule, schedules_module.Schedule):
+        return DEFAULT_SOLVER, solver_options
+    fixed = schedule if isinstance(schedule, schedules_module.Schedule) else \
+        schedules_module.resolve(schedule, schedule_options)[0]
+    recorded = fixed.info.get("solver") if fixed is not None else None
+    if not isinstance(recorded, str):
+        return DEFAULT_SOLVER, solver_options
+    return recorded, {**dict(fixed.info.get("solver_options") or {}), **solver_options}
 
 
 def _native_plan(native, nfe, default_nfe, afs, denoise_to_zero, schedule_options, solver_options) -> Plan:

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from diffsampler.defaults import DEFAULT_SOLVER
+
 from diffsampler import SOLVERS, Denoiser, DynamicThresholding, NonFiniteOutputError, Schedule, sample, schedules
 from conftest import mixture
 
@@ -110,11 +112,11 @@ def test_callback_sees_every_step_in_order():
 
 def test_default_schedules_and_grids():
     noise = torch.randn(2, 12, dtype=torch.float64)
-    for name, expected in [("ipndm", schedules.polynomial(5, 0.002, 80.0, rho=7.0)),
-                           ("dpmpp", schedules.logsnr(5, 0.002, 80.0)),
-                           ("unipc", schedules.logsnr(5, 0.002, 80.0)),
-                           ("deis", schedules.time_uniform(5, 0.002, 80.0, rho=2.0))]:
-        torch.testing.assert_close(sample(mixture(), noise, solver=name, nfe=5).sigmas, expected)
+    quadratic = schedules.time_uniform(5, 0.002, 80.0, rho=2.0)       # every solver's default, by measurement
+    for name in ("ipndm", "ipndm_v", "dpmpp", "unipc", "deis", "euler"):
+        torch.testing.assert_close(sample(mixture(), noise, solver=name, nfe=5).sigmas, quadratic)
+    amed = sample(mixture(), noise, solver="amed", nfe=6).sigmas              # AMED keeps the grid it was measured on
+    torch.testing.assert_close(amed, schedules.polynomial(3, 0.002, 80.0, rho=7.0))
     rho5 = sample(mixture(), noise, solver="euler", nfe=5, schedule="polynomial", schedule_options=dict(rho=5))
     torch.testing.assert_close(rho5.sigmas, schedules.polynomial(5, 0.002, 80.0, rho=5))
 
@@ -131,6 +133,19 @@ def test_schedule_object_and_file_are_accepted(tmp_path):
     torch.testing.assert_close(a.samples, c.samples)
     with pytest.raises(ValueError, match="does not match the given grid"):
         sample(mixture(), noise, solver="ipndm", schedule=grid, nfe=5)
+
+
+def test_a_schedule_file_without_a_named_solver_samples_with_its_own_solver(tmp_path):
+    sigmas = [80.0, 5.0, 0.5, 0.002]
+    fitted = Schedule(torch.tensor(sigmas), {"solver": "ipndm", "solver_options": {"max_order": 2}}).save(tmp_path / "f.json")
+    noise = torch.randn(2, 12, dtype=torch.float64)
+    own = sample(mixture(), noise, schedule=str(fitted))
+    assert own.plan.record["solver"]["name"] == "ipndm" and own.plan.record["solver"]["max_order"] == 2
+    torch.testing.assert_close(own.samples, sample(mixture(), noise, solver="ipndm", max_order=2, sigmas=sigmas).samples)
+    named = sample(mixture(), noise, schedule=str(fitted), solver="euler")          # a named solver wins
+    torch.testing.assert_close(named.samples, sample(mixture(), noise, solver="euler", sigmas=sigmas).samples)
+    plain = Schedule(torch.tensor(sigmas), {"made_by": "test"}).save(tmp_path / "p.json")   # no solver recorded
+    assert sample(mixture(), noise, schedule=str(plain)).plan.record["solver"]["name"] == DEFAULT_SOLVER
 
 
 def test_same_seed_same_sample_whatever_the_batch():
@@ -163,7 +178,7 @@ def test_thresholding_is_never_applied_unless_asked():
     (dict(solver="ipndm", sigmas=[2.0]), "at least 2 points"),
     (dict(solver="ipndm", sigmas=[2.0, float("nan")]), "finite"),
     (dict(solver="ipndm"), "give nfe="),
-    (dict(solver="ipndm", nfe=5, schedule_options=dict(rho=-1)), "rho must be positive"),
+    (dict(solver="ipndm", nfe=5, schedule="polynomial", schedule_options=dict(rho=-1)), "rho must be positive"),
     (dict(solver="ipndm", nfe=5, schedule_options=dict(bogus=1)), "schedule option not accepted"),
 ])
 def test_bad_requests_raise_clear_errors(kwargs, match):
@@ -190,7 +205,7 @@ def test_non_finite_model_output_names_the_step_and_sigma():
     result_sigmas = schedules.polynomial(8, 0.002, 80.0)
     first_bad = next(i for i, s in enumerate(result_sigmas) if s < 1.0)
     with pytest.raises(NonFiniteOutputError, match=f"at step {first_bad} \\(sigma={float(result_sigmas[first_bad]):.6g}"):
-        sample(broken, torch.randn(2, 12), solver="euler", nfe=8)
+        sample(broken, torch.randn(2, 12), solver="euler", nfe=8, schedule="polynomial")
 
 
 class Distilled(Denoiser):
