@@ -21,8 +21,10 @@ from ..plan import make_plan
 from ..seeds import seed_noise
 
 SCHEDULES = (("polynomial", {"rho": 7.0}), ("logsnr", {}), ("time_uniform", {"rho": 2.0}))
-BASES = (("ipndm", {}), ("ipndm_v", {}), ("ipndm_v", {"legacy": True}), ("deis", {}), ("dpmpp", {}),
-         ("dpmpp", {"legacy_third_order": True}), ("unipc", {}), ("euler", {}))
+# Option variants are spelled out, so a changed default neither drops one nor tries one twice.
+BASES = (("ipndm", {}), ("ipndm_v", {"legacy": True}), ("ipndm_v", {"legacy": False}), ("deis", {}),
+         ("dpmpp", {"legacy_third_order": True}), ("dpmpp", {"legacy_third_order": False}), ("unipc", {}),
+         ("euler", {}))
 
 
 def candidates(accepts: Optional[Sequence[str]]) -> List[Dict[str, Any]]:
