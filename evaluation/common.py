@@ -10,7 +10,6 @@ import datetime as _dt
 import io
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -21,6 +20,7 @@ import torch
 import diffsampler
 from diffsampler import sample
 from diffsampler.fileio import write_atomic
+from diffsampler.machine import cpu_name
 from diffsampler.generate import one_hot_labels, seed_labels
 from diffsampler.images import to_uint8
 from diffsampler.metrics import CLASSIFIER, fid, pipeline
@@ -151,13 +151,7 @@ def score(model, images: int, batch: int = 250, **sample_kwargs):
 
 def machine() -> Dict[str, object]:
     """Where and when a run was made (machines differ between sessions, and are shared)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
+    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "diffsampler": diffsampler.__version__, "load_average": list(os.getloadavg())}
 

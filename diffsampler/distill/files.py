@@ -18,13 +18,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import platform
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from ..fileio import write_atomic
+from ..machine import describe
 from ..loop import run_plan
 from ..models.bundled import CONFIG_FILE, WEIGHTS_FILE, bundled_config, write_bundled
 from ..models.student import StudentDenoiser
@@ -47,7 +47,7 @@ def save(student: StudentDenoiser, folder, *, command: Optional[str] = None, mod
     folder.mkdir(parents=True, exist_ok=True)
     info = {**student.info, "native_plans": {str(k): v for k, v in student.native_plans().items()},
             "step_input": student.step_input, "step_module": student.step_module, "command": command,
-            "machine": machine()}
+            "machine": describe(gpu=True)}
     if student.step_embedding is not None:
         info["step_embedding_dim"] = student.step_embedding.dim
     info["weights_effect"] = _dtype_effect(student, weights_dtype, cond)
@@ -112,17 +112,6 @@ def _dtype_effect(student: StudentDenoiser, weights_dtype: str, cond, seeds: Seq
         b = run_plan(plan, rounded, noise, cond=batch_cond).samples.double()
         out[str(k)] = float((a - b).flatten(1).pow(2).mean(1).sqrt().mean())
     return {"dtype": weights_dtype, "seeds": [seeds[0], seeds[-1]], "rmse": out}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}{gpu}, {platform.system()}, torch {torch.__version__}"
 
 
 def _labels(record) -> str:

@@ -31,7 +31,6 @@ import copy
 import hashlib
 import json
 import math
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 
 from ..datasets import DATASETS, FASHION_MNIST_CLASSES, load_dataset
 from ..fileio import save_torch_atomic, write_atomic
+from ..machine import describe
 from ..models.edm import EDMDenoiser, VPPrecond, loss_weight
 from ..models.unet import UNet, UNetConfig, count_parameters
 
@@ -165,19 +165,6 @@ def export_model(net: torch.nn.Module, out: Path, meta: Dict, dtype: str = "floa
     return out / WEIGHTS_FILE
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {platform.system()}, torch {torch.__version__}"
-
-
 # --------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------
@@ -270,7 +257,7 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
             "steps": done_steps,
             "batch": cfg.batch,
             "training_seconds": round(seconds, 1),
-            "machine": _machine(),
+            "machine": describe(),
             "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         }
 
