@@ -71,7 +71,7 @@ def configurations():
 class Bench:
     """One benchmark model: its test seeds, reference, conditioning and cached results."""
 
-    def __init__(self, spec: str, seeds: int, log):
+    def __init__(self, spec: str, seeds: int, log, cache_dir: Path = CACHE_DIR):
         self.spec, self.log = spec, log
         self.model = load_model(spec)
         self.dtype = torch.float32 if spec == "fashion-mnist" else torch.float64
@@ -87,7 +87,7 @@ class Bench:
             self.reference, _ = exact_endpoints(self.model, spec, 0, seeds)
             self.reference_kind = "exact ODE endpoints (tol 1e-9)"
         log(f"[{spec}] reference for {seeds} seeds: {time.perf_counter() - t0:.0f} s")
-        self.path = CACHE_DIR / f"{slug(spec)}_seeds{seeds}.json"
+        self.path = cache_dir / f"{slug(spec)}_seeds{seeds}.json"
         self.results = json.loads(self.path.read_text()) if self.path.is_file() else {"sweep": {}, "learned": {}}
 
     def save(self):
@@ -197,11 +197,11 @@ def fid_section(bench: Bench, nfes, images: int, log) -> Dict[str, dict]:
     return out
 
 
-def report(models: List[str], nfes, sweep_nfes) -> dict:
+def report(models: List[str], nfes, sweep_nfes, cache_dir: Path = CACHE_DIR) -> dict:
     """The recorded results of every model (from the cache) with the summary tables' numbers."""
     rep = {"models": {}}
     for spec in models:
-        path = CACHE_DIR / f"{slug(spec)}_seeds{SEEDS.get(spec, 128)}.json"
+        path = cache_dir / f"{slug(spec)}_seeds{SEEDS.get(spec, 128)}.json"
         if not path.is_file():
             continue
         res = json.loads(path.read_text())
@@ -270,6 +270,8 @@ def main(argv=None) -> int:
     parser.add_argument("--report", action="store_true", help="only write the tables from the cache")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR,
+                        help="where runs are cached (a second process side by side needs its own; merge by hand)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     models = args.models.split(",")
@@ -278,14 +280,14 @@ def main(argv=None) -> int:
     log = lambda msg: print(f"[{time.perf_counter() - t0:7.0f}s] {msg}", flush=True)
     if not args.report:
         for spec in models:
-            bench = Bench(spec, SEEDS.get(spec, 128), log)
+            bench = Bench(spec, SEEDS.get(spec, 128), log, args.cache_dir)
             bench.sweep(sorted(set(sweep_nfes) | set(nfes)))
             for nfe in nfes:
                 bench.train(nfe)
             if args.fid and spec == "fashion-mnist" and "fid" not in bench.results:
                 bench.results["fid"] = fid_section(bench, [n for n in nfes if n <= 5], args.fid_images, log)
                 bench.save()
-    rep = report(models, nfes, sweep_nfes)
+    rep = report(models, nfes, sweep_nfes, args.cache_dir)
     rep["machine"] = machine()
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "learned.json", json.dumps(rep, indent=1).encode() + b"\n")
