@@ -119,7 +119,7 @@ def make_plan(solver=None, nfe: Optional[int] = None, schedule=None, *, sigmas: 
     if native and solver is None and schedule is None and sigmas is None and steps is None:
         return _native_plan(native, nfe, default_nfe, afs, denoise_to_zero, schedule_options, solver_options)
     if solver is None:
-        solver, solver_options = _file_solver(schedule, schedule_options, solver_options)
+        solver, solver_options, schedule = _file_solver(schedule, schedule_options, solver_options)
     solver = get_solver(solver, **solver_options)
     if nfe is not None and steps is not None:
         raise ValueError("give nfe= (model evaluations) or steps= (solver steps), not both")
@@ -193,16 +193,18 @@ def _with_model_table(schedule, schedule_options, model) -> Optional[dict]:
 
 
 def _file_solver(schedule, schedule_options, solver_options):
-    """Without a named solver: a schedule file's own solver (the one it was fitted for, with its
-    recorded options under the given ones), else the package default."""
-    if schedule is None or callable(schedule) and not isinstance(schedule, schedules_module.Schedule):
-        return DEFAULT_SOLVER, solver_options
-    fixed = schedule if isinstance(schedule, schedules_module.Schedule) else \
-        schedules_module.resolve(schedule, schedule_options)[0]
+    """Without a named solver: ``(solver, options, schedule)`` with a schedule file's own solver (the
+    one it was fitted for, its recorded options under the given ones), else the package default.
+    A file is read here once and handed on as its :class:`Schedule`."""
+    fixed = None
+    if isinstance(schedule, schedules_module.Schedule):
+        fixed = schedule
+    elif schedule is not None and not callable(schedule):
+        fixed = schedules_module.resolve(schedule, schedule_options)[0]
     recorded = fixed.info.get("solver") if fixed is not None else None
     if not isinstance(recorded, str):
-        return DEFAULT_SOLVER, solver_options
-    return recorded, {**dict(fixed.info.get("solver_options") or {}), **solver_options}
+        return DEFAULT_SOLVER, solver_options, fixed if fixed is not None else schedule
+    return recorded, {**dict(fixed.info.get("solver_options") or {}), **solver_options}, fixed
 
 
 def _native_plan(native, nfe, default_nfe, afs, denoise_to_zero, schedule_options, solver_options) -> Plan:
