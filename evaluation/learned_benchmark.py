@@ -36,6 +36,7 @@ import torch
 from diffsampler import learn, sample
 from diffsampler.fileio import write_atomic
 from diffsampler.learned import LEARNED
+from diffsampler.learned.select import OPTION_VARIANTS
 from diffsampler.seeds import parse_ranges, seed_noise
 from diffsampler.solvers import SOLVERS
 from evaluation.common import (CACHE, RESULTS, converged, exact_endpoints, features, labels_cond, load_model, machine,
@@ -45,9 +46,6 @@ MODELS = ["gmm:synthetic:16:3x32x32:0", "gmm:synthetic:32:1x8x8:5", "gmm:digits"
           "gmm:fashion-mnist:0:10000", "gmm:fashion-mnist:0.1:10000", "fashion-mnist"]
 SEEDS = {"fashion-mnist": 64, "gmm:fashion-mnist:0:10000": 64, "gmm:fashion-mnist:0.1:10000": 64}
 SCHEDULES = [("polynomial", {"rho": 7.0}), ("logsnr", {}), ("time_uniform", {"rho": 2.0})]
-# Solvers whose option variants are swept, each variant named in its label whatever the default is.
-VARIANTS = {"ipndm_v": [{"legacy": True}, {"legacy": False}],
-            "dpmpp": [{"legacy_third_order": True}, {"legacy_third_order": False}]}
 # Which bases each method accepts, besides its default (None: any registered solver).
 ACCEPTS = {"ld3": None, "pas": None, "s4s": ("euler", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc"),
            "epd": ("ipndm", "ipndm_v", "deis", "dpmpp", "euler"), "amed": ("euler", "ipndm", "dpmpp", "dpm2")}
@@ -58,7 +56,7 @@ CACHE_DIR = CACHE / "learned"
 
 def configurations():
     """(label, solver, solver options, schedule, schedule options, afs) of the untrained sweep."""
-    solvers = [(name, options) for name in SOLVERS if name != "amed" for options in VARIANTS.get(name, [{}])]
+    solvers = [(name, options) for name in SOLVERS if name != "amed" for options in OPTION_VARIANTS.get(name, ({},))]
     for name, options in solvers:
         for schedule, schedule_options in SCHEDULES:
             for afs in (False, True):
