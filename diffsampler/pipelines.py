@@ -56,7 +56,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from .models.base import Denoiser
-from .models.diffusers_pixel import DiffusersDenoiser
+from .models.diffusers_pixel import DiffusersDenoiser, dtype_keyword
 from .models.flux import unpack
 from .models.guidance import ClassifierFreeGuidance, one_hot
 from .models.latent import LatentDiffusion, _has
@@ -89,7 +89,7 @@ def load_pipeline(path: Union[str, Path], torch_dtype: Optional[torch.dtype] = N
     from diffusers import DiffusionPipeline
     kwargs: Dict[str, Any] = {"local_files_only": True}
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs[dtype_keyword()] = torch_dtype
     pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     if device is not None:
         pipe.to(device)

@@ -310,6 +310,21 @@ def test_from_pretrained_loads_local_folder(unet, tmp_path):
         DiffusersDenoiser.from_pretrained(tmp_path / "nothing")
 
 
+def test_loading_with_a_dtype_uses_the_installed_diffusers_keyword(unet, tmp_path):
+    """A saved pipeline and a unet/scheduler folder load in the requested dtype without the
+    deprecation warning diffusers gives for ``torch_dtype`` in the releases that renamed it."""
+    import warnings
+    from diffsampler.pipelines import load_pipeline
+    folder = tmp_path / "ddim"
+    diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler()).save_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*torch_dtype.*")
+        pipe = load_pipeline(folder, torch_dtype=torch.float64)
+        den = DiffusersDenoiser.from_pretrained(folder, torch_dtype=torch.float64)
+    assert next(pipe.unet.parameters()).dtype == torch.float64
+    assert next(den.unet.parameters()).dtype == torch.float64
+
+
 # --- 3. class labels and classifier-free guidance ----------------------------------------------------------
 
 def test_class_labels_reach_the_unet(class_unet):

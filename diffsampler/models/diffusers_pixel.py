@@ -204,7 +204,7 @@ class DiffusersDenoiser(NetworkDenoiser):
         unet_cls = getattr(diffusers, _class_name(path / "unet" / "config.json", "UNet2DModel"))
         load_kwargs: Dict[str, Any] = {"local_files_only": True}
         if torch_dtype is not None:
-            load_kwargs["torch_dtype"] = torch_dtype
+            load_kwargs[dtype_keyword()] = torch_dtype
         unet = unet_cls.from_pretrained(path, subfolder="unet", **load_kwargs)
         sched_name = _class_name(path / "scheduler" / "scheduler_config.json", "DDPMScheduler")
         sched_cls = getattr(diffusers, sched_name, None) or diffusers.DDPMScheduler
@@ -365,6 +365,17 @@ def _class_embedding_table(unet):
     if not isinstance(emb, torch.nn.Embedding):
         raise TypeError(f"{type(unet).__name__}.class_embedding is {type(emb).__name__}, expected an embedding table")
     return emb
+
+
+def dtype_keyword() -> str:
+    """The name diffusers' ``from_pretrained`` takes the weights' dtype under: ``dtype`` in the
+    releases that deprecate ``torch_dtype`` (they warn on every load with the old name), else
+    ``torch_dtype``."""
+    try:
+        from diffusers.utils import deprecation_utils
+    except ImportError:
+        return "torch_dtype"
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
 def _class_name(config_file: Path, default: str) -> str:
