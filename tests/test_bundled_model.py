@@ -262,13 +262,17 @@ def _fixed_eval_batch(n=256, seed=123):
 
 
 def test_training_reduces_loss_and_checkpoint_reloads_identically(tmp_path):
-    cfg = _tiny_cfg(tmp_path, steps=60)
+    cfg = _tiny_cfg(tmp_path, steps=60, log_every=20)
     res = train(cfg, quiet=True)
     assert res["steps"] == 60 and not res["stopped_by_budget"]
     out = Path(res["out"])
     assert (out / "model.safetensors").is_file() and not (out / "train_state.pt").exists()
     meta = json.loads((out / "config.json").read_text())
     assert meta["steps"] == 60 and meta["dataset"] == "digits" and meta["shape"] == [1, 8, 8]
+    # the card's loss curve: the mean of each log interval's batch losses
+    every = cfg.log_every
+    assert [s for s, _ in meta["loss_curve"]] == list(range(every, 61, every))
+    assert meta["loss_curve"][-1][1] == pytest.approx(np.mean(res["losses"][-every:]), abs=1e-4)
 
     x0, y, sigma, noise = _fixed_eval_batch()
     fresh = EDMDenoiser(UNet(UNetConfig.from_dict(meta["unet"])), num_classes=10)

@@ -138,6 +138,12 @@ def denoising_loss(
     return (w * per_sample).mean()
 
 
+def loss_curve(losses: List[float], every: int) -> List[List[float]]:
+    """``[step, mean loss over the ``every`` steps ending there]`` pairs: the card's loss curve."""
+    every = max(1, int(every))
+    return [[end, round(sum(losses[end - every:end]) / every, 4)] for end in range(every, len(losses) + 1, every)]
+
+
 def one_hot_with_dropout(labels: torch.Tensor, num_classes: int, p: float, generator: torch.Generator) -> torch.Tensor:
     onehot = F.one_hot(labels, num_classes).float()
     if p > 0:
@@ -257,6 +263,7 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
             "steps": done_steps,
             "batch": cfg.batch,
             "training_seconds": round(seconds, 1),
+            "loss_curve": loss_curve(losses, cfg.log_every),
             "machine": describe(),
             "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         }
