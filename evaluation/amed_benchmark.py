@@ -40,8 +40,8 @@ from diffsampler.models.specs import load_model
 from diffsampler.seeds import seed_noise
 from diffsampler.solvers import get_solver
 
-from evaluation.common import (HERE, bundled_model, converged, exact_endpoints, features, fid_of, labels_cond,
-                               paired_fid_difference, rmse_per_seed, score)
+from evaluation.common import (HERE, bundled_model, converged, drop_stale_bundled, exact_endpoints, features, fid_of,
+                               labels_cond, paired_fid_difference, rmse_per_seed, score)
 
 NFES = (3, 4, 5, 6)
 BASES = ("dpm2", "ipndm", "dpmpp")
@@ -200,6 +200,9 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.bundled or args.fid_check is not None:
+        for key in drop_stale_bundled(report, ["bundled", "fid_check", "images"]):
+            print(f"dropped {key!r} of {args.out}: measured on other weights than today's bundled model", flush=True)
     report.update({"date": _dt.date.today().isoformat(), "machine": f"{platform.machine()}",
                    "threads": args.threads, "torch": torch.__version__, "diffsampler": diffsampler.__version__})
     log = lambda msg: print(msg, flush=True)

@@ -25,6 +25,7 @@ from diffsampler.generate import one_hot_labels, seed_labels
 from diffsampler.images import to_uint8
 from diffsampler.metrics import CLASSIFIER, fid, pipeline
 from diffsampler.metrics.sources import ImageArray
+from diffsampler.models.identity import weights_hash
 from diffsampler.models.specs import load_model  # noqa: F401  (the benchmarks load models by spec)
 from diffsampler.reference import solve_ode
 from diffsampler.seeds import seed_noise
@@ -40,6 +41,23 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 def bundled_model(name: str = "fashion-mnist"):
     return load_model(name)
+
+
+def drop_stale_bundled(report: dict, sections: Sequence[str], model=None) -> list:
+    """Make a resumed report safe to extend: if its bundled-model ``sections`` (a name, or a prefix
+    ending in ``*``) were measured on other weights than today's bundled model (or on unrecorded
+    weights), drop them, so a rerun after the model changed never mixes old rows with new ones.
+    Records today's weights hash in ``report["bundled_weights"]``; returns the dropped names."""
+    current = weights_hash(model if model is not None else bundled_model())
+    dropped = []
+    if report.get("bundled_weights") != current:
+        def stale(key):
+            return any(key.startswith(s[:-1]) if s.endswith("*") else key == s for s in sections)
+        dropped = [key for key in list(report) if stale(key)]
+        for key in dropped:
+            del report[key]
+    report["bundled_weights"] = current
+    return dropped
 
 
 def labels_cond(model):
@@ -100,7 +118,7 @@ def converged(model, seeds: int, solver: str = "heun", nfe: int = 160, chunk: in
                                 cond=cond(batch) if cond else None).samples.to(torch.float64))
         return torch.cat(parts)
     last = first_seed + seeds - 1
-    key = {"model": name, "solver": solver, "nfe": nfe, "seeds": [first_seed, last]}
+    key = {"model": name, "weights": weights_hash(model), "solver": solver, "nfe": nfe, "seeds": [first_seed, last]}
     suffix = f"seeds0-{last}" if first_seed == 0 else f"seeds{first_seed}-{last}"
     return _cached(CACHE / f"converged_{name}_{solver}_nfe{nfe}_{suffix}.pt", key, compute)
 

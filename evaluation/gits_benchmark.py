@@ -49,12 +49,13 @@ import diffsampler
 from diffsampler import gits, sample
 from diffsampler.fileio import write_atomic
 from diffsampler.models.base import sigma_range
+from diffsampler.models.identity import weights_hash
 from diffsampler.models.specs import load_model
 from diffsampler.schedules import polynomial
 from diffsampler.seeds import parse_ranges, seed_noise
 
-from evaluation.common import (HERE, bundled_model, converged, exact_endpoints, features, fid_of, labels_cond,
-                               paired_fid_difference, rmse_per_seed)
+from evaluation.common import (HERE, bundled_model, converged, drop_stale_bundled, exact_endpoints, features, fid_of,
+                               labels_cond, paired_fid_difference, rmse_per_seed)
 
 SOLVERS = ("euler", "ipndm", "dpmpp", "unipc")
 NFES = tuple(range(3, 11))
@@ -102,6 +103,8 @@ def bundled_warm_ups(model, cond, warmup, metrics, log, batch=128):
     polynomial rho=7), its cost matrices cached under .cache; returns {metric: gits.WarmUp}."""
     path = CACHE / f"gits_costs_fashion-mnist_warmup{warmup}_from{WARMUP_FIRST_SEED}.pt"
     saved = torch.load(path) if path.exists() else {"costs": {}}
+    if saved.get("weights") != weights_hash(model):           # made on other weights: recompute
+        saved = {"costs": {}, "weights": weights_hash(model)}
     missing = [m for m in metrics if m not in saved["costs"]]
     lo, hi = sigma_range(model)
     grid = polynomial(60, lo, hi)
@@ -403,6 +406,9 @@ def main(argv=None):
                    f"{torch.get_num_threads()} thread(s), torch {torch.__version__}",
                    "diffsampler_version": diffsampler.__version__, "warmup": args.warmup, "seeds": args.seeds})
     log = lambda msg: print(msg, flush=True)
+    if args.converged or args.fid or args.cost or args.merge:
+        for key in drop_stale_bundled(report, ["converged", "fid*", "search_cost"]):
+            log(f"dropped {key!r} of {path}: measured on other weights than today's bundled model")
     if not args.skip_endpoint:
         settings = _parse_settings(args.endpoint_settings)
         report["endpoint_error"] = {spec: endpoint_section(spec, args.seeds, args.warmup, settings, log)

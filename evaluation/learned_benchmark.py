@@ -37,6 +37,7 @@ from diffsampler import learn, sample
 from diffsampler.fileio import write_atomic
 from diffsampler.learned import LEARNED
 from diffsampler.learned.select import OPTION_VARIANTS
+from diffsampler.models.identity import weights_hash
 from diffsampler.seeds import parse_ranges, seed_noise
 from diffsampler.solvers import SOLVERS
 from evaluation.common import (CACHE, RESULTS, converged, exact_endpoints, features, labels_cond, load_model, machine,
@@ -87,6 +88,10 @@ class Bench:
         log(f"[{spec}] reference for {seeds} seeds: {time.perf_counter() - t0:.0f} s")
         self.path = cache_dir / f"{slug(spec)}_seeds{seeds}.json"
         self.results = json.loads(self.path.read_text()) if self.path.is_file() else {"sweep": {}, "learned": {}}
+        weights = weights_hash(self.model)
+        if self.results.setdefault("weights", weights) != weights:
+            raise SystemExit(f"{self.path} holds runs of {spec} with other weights ({self.results['weights']}, today "
+                             f"{weights}): move it away or give --cache-dir, so old and new runs are not mixed")
 
     def save(self):
         write_atomic(self.path, json.dumps(self.results, indent=1).encode())

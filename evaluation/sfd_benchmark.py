@@ -4,8 +4,8 @@ configurations, by paired FID (bundled classifier) and RMSE to converged samples
     python -m evaluation.sfd_benchmark                       # the recorded run (results/sfd.json, .md)
     python -m evaluation.sfd_benchmark --images 200 --rmse-seeds 32 --screen 100 --out /tmp/sfd   # a quick look
 
-What it measures (model: the bundled ``fashion-mnist`` U-Net; student: ``--student``, by default the
-committed ``fashion-mnist-sfd``; every image has its seed's noise and a random class per seed, as
+What it measures (student: ``--student``, by default the committed ``fashion-mnist-sfd``; model: the
+one the student was distilled from, as its config records it, or ``--teacher``; every image has its seed's noise and a random class per seed, as
 ``diffsampler sample`` draws them):
 
 * **RMSE to converged samples**: per seed, the pixel RMSE between a configuration's sample and the
@@ -163,6 +163,8 @@ def learned_rows(nfes) -> List[dict]:
 def main(argv: Optional[List[str]] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--student", default="fashion-mnist-sfd", help="the student's model spec (or folder)")
+    p.add_argument("--teacher", default=None,
+                   help="the model the untrained rows sample (default: the one the student was distilled from)")
     p.add_argument("--images", type=int, default=2000, help="FID images (seeds 0..N-1)")
     p.add_argument("--rmse-seeds", type=int, default=256)
     p.add_argument("--screen", type=int, default=500, help="FID images of the screening pass of the sweep")
@@ -181,8 +183,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     def log(msg):
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
-    teacher = load_model("fashion-mnist")
     student = None if args.sweep_only else load_model(args.student)
+    teacher = load_model(args.teacher or (student.info.get("model") if student else None) or "fashion-mnist")
     nfes = [] if args.sweep_only else student.nfes
     bench = Bench(teacher, student, args.student, args.rmse_seeds, log)
     log(f"converged references ready ({args.rmse_seeds} seeds)")
