@@ -52,7 +52,10 @@ def test_amed_predictor_files_of_the_old_version_sample_identically(name, model_
     from diffsampler import amed
     model, noise = model_and_noise
     out = sample(model, noise, amed=amed.load(GOLDEN / f"{name}.pt"))
-    np.testing.assert_allclose(out.samples.numpy(), np.load(GOLDEN / "amed_samples.npz")[name], rtol=0, atol=1e-12)
+    # The predictor network runs in float32, whose kernels round differently on different CPUs (recorded
+    # on an AMD EPYC; an Intel Xeon differs by 5e-8): 1e-6 allows that and stays far below any error of
+    # the sampler itself.
+    np.testing.assert_allclose(out.samples.numpy(), np.load(GOLDEN / "amed_samples.npz")[name], rtol=0, atol=1e-6)
 
 
 def test_amed_predictor_on_the_bundled_network_samples_identically():
@@ -60,7 +63,7 @@ def test_amed_predictor_on_the_bundled_network_samples_identically():
     from diffsampler.generate import one_hot_labels, seed_labels
     from diffsampler.models.specs import load_model
     from diffsampler.seeds import seed_noise
-    model = load_model("fashion-mnist")
+    model = load_model("fashion-mnist-v1")      # the weights it was recorded on (the bundled model then)
     labels = {"class_labels": one_hot_labels(seed_labels([0, 1], 10), 10)}
     out = sample(model, seed_noise(range(2), model.shape), amed=amed.load(GOLDEN / "amed_bundled_ipndm4.pt"), cond=labels)
     np.testing.assert_allclose(out.samples.numpy(), np.load(GOLDEN / "amed_bundled_samples.npz")["samples"],

@@ -79,12 +79,13 @@ def main():
 
 
 def record_bundled():
-    """An AMED plugin predictor on the bundled network (features hooked on its ``mid`` block)."""
+    """An AMED plugin predictor on the first bundled network, ``fashion-mnist-v1`` (features hooked on
+    its ``mid`` block)."""
     from diffsampler import amed, sample
     from diffsampler.generate import one_hot_labels, seed_labels
     from diffsampler.models.specs import load_model
     from diffsampler.seeds import seed_noise
-    model = load_model("fashion-mnist")
+    model = load_model("fashion-mnist-v1")
     cond = lambda seeds: {"class_labels": one_hot_labels(seed_labels(seeds, 10), 10)}
     predictor = amed.train(model, solver="ipndm", nfe=4, iters=2, batch=4, cond=cond, model_name="fashion-mnist")
     predictor.save(HERE / "amed_bundled_ipndm4.pt")
