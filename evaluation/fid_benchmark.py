@@ -3,7 +3,7 @@
 FID uses the bundled classifier's features (``fashion-mnist-classifier``) against the committed
 statistics of the 60,000 training images; it is not comparable with Inception FIDs.  Seeds
 0..N-1 with a random class per seed (the CLI's rule), the same images for every configuration,
-plus the Heun NFE-35 reference point.  Also records throughput (images/s) of sampling and of
+plus the Heun NFE-34 reference point.  Also records throughput (images/s) of sampling and of
 feature extraction on this machine.
 
     python -m evaluation.fid_benchmark --images 500        # the recorded run
@@ -21,6 +21,7 @@ import torch
 import diffsampler
 from diffsampler import SOLVERS
 
+from diffsampler.models.identity import weights_hash
 from evaluation.common import HERE, bundled_model, score
 
 NFES = tuple(range(3, 11))
@@ -35,7 +36,7 @@ def plot(rows, heun, path):
         points = sorted((r["nfe"], r["fid"]) for r in rows if r["solver"] == solver)
         if points:
             ax.plot(*zip(*points), marker="o", label=solver)
-    ax.axhline(heun, color="k", linestyle=":", label="heun NFE 35")
+    ax.axhline(heun, color="k", linestyle=":", label="heun NFE 34")
     ax.set_xlabel("NFE")
     ax.set_ylabel("FID (bundled classifier features)")
     ax.set_yscale("log")
@@ -50,7 +51,7 @@ def markdown(report):
     lines += ["# FID vs NFE, bundled Fashion-MNIST model", "",
               f"{report['images']} images per configuration (seeds 0..{report['images'] - 1}, a random class per seed), "
               f"bundled classifier features vs the training split; recorded {report['date']} on {report['machine']}.",
-              f"Heun NFE 35 (reference point): **{report['heun_nfe35']['fid']:.3f}**. "
+              f"Model weights {report['bundled_weights']}. Heun NFE 34 (reference point): **{report['heun_nfe34']['fid']:.3f}**. "
               f"Same-size real-vs-real baseline is in checkpoints/fashion-mnist/CARD.md.", "",
               "| solver | schedule | " + " | ".join(f"NFE {n}" for n in NFES) + " |", "|---|---|" + "---|" * len(NFES)]
     best = {n: min((r["fid"] for r in rows if r["nfe"] == n), default=None) for n in NFES}
@@ -89,7 +90,7 @@ def main(argv=None):
     ipndm10 = next(r for r in rows if r["solver"] == "ipndm" and r["nfe"] == 10)
     report = {"date": _dt.date.today().isoformat(), "machine": f"{platform.machine()}, torch {torch.__version__}",
               "diffsampler_version": diffsampler.__version__, "images": args.images, "extractor": "fashion-mnist-classifier",
-              "heun_nfe35": heun, "rows": rows,
+              "model": "fashion-mnist", "bundled_weights": weights_hash(model), "heun_nfe34": heun, "rows": rows,
               "throughput": {"threads": args.threads, "sample_images_per_s_nfe10": ipndm10["sample_images_per_s"],
                              "feature_images_per_s": ipndm10["feature_images_per_s"]}}
     (out / "fid.json").write_text(json.dumps(report, indent=1))
