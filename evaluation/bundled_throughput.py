@@ -19,6 +19,7 @@ import time
 import torch
 
 from diffsampler import sample
+from diffsampler.models.unet import count_parameters
 from diffsampler.seeds import seed_noise
 from evaluation.common import labels_cond, load_model, machine, markdown_table, write_report
 
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     rows, report = [], {"runs": []}
     for spec in a.models.split(","):
         model = load_model(spec)
-        params = sum(t.numel() for t in model.parameters())
+        params = count_parameters(model)
         for threads in (int(t) for t in a.threads.split(",")):
             torch.set_num_threads(threads)
             for name, (images, request) in WORKLOADS.items():

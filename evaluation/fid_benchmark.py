@@ -51,7 +51,8 @@ def markdown(report):
     lines += ["# FID vs NFE, bundled Fashion-MNIST model", "",
               f"{report['images']} images per configuration (seeds 0..{report['images'] - 1}, a random class per seed), "
               f"bundled classifier features vs the training split; recorded {report['date']} on {report['machine']}.",
-              f"Model weights {report['bundled_weights']}. Heun NFE 34 (reference point): **{report['heun_nfe34']['fid']:.3f}**. "
+              f"Model weights {report['bundled_weights']}. "
+              f"Heun NFE 34 (reference point): **{report['heun_nfe34']['fid']:.3f}**. "
               f"Same-size real-vs-real baseline is in checkpoints/fashion-mnist/CARD.md.", "",
               "| solver | schedule | " + " | ".join(f"NFE {n}" for n in NFES) + " |", "|---|---|" + "---|" * len(NFES)]
     best = {n: min((r["fid"] for r in rows if r["nfe"] == n), default=None) for n in NFES}

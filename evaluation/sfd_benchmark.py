@@ -5,8 +5,8 @@ configurations, by paired FID (bundled classifier) and RMSE to converged samples
     python -m evaluation.sfd_benchmark --images 200 --rmse-seeds 32 --screen 100 --out /tmp/sfd   # a quick look
 
 What it measures (student: ``--student``, by default the committed ``fashion-mnist-sfd``; model: the
-one the student was distilled from, as its config records it, or ``--teacher``; every image has its seed's noise and a random class per seed, as
-``diffsampler sample`` draws them):
+one the student was distilled from, as its config records it, or ``--teacher``; every image has its
+seed's noise and a random class per seed, as ``diffsampler sample`` draws them):
 
 * **RMSE to converged samples**: per seed, the pixel RMSE between a configuration's sample and the
   teacher's converged sample of the same seed and label (Heun NFE 160, ``common.converged``), mean
