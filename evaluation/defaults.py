@@ -2,6 +2,9 @@
 
     python -m evaluation.defaults          # reads the untrained sweeps of evaluation.learned_benchmark
 
+The sweeps come from ``results/sweeps.json`` (written by ``learned_benchmark``, e.g. with
+``--sweep-only``); a model missing there is read from the benchmark's cache if that holds it.
+
 For every benchmark model and NFE 3-10 the sweep gives the endpoint RMSE of every solver x
 schedule x AFS configuration (held-out seeds; exact endpoints or converged samples).  A
 configuration's *ratio* at one (model, NFE) is its RMSE over the best configuration's there; a
@@ -21,18 +24,26 @@ import math
 from collections import defaultdict
 
 from evaluation.common import RESULTS, machine, markdown_table
-from evaluation.learned_benchmark import CACHE_DIR, MODELS, SEEDS
+from evaluation.learned_benchmark import CACHE_DIR, MODELS, SEEDS, SWEEPS
 from evaluation.common import slug
 
 
-def load_sweeps(nfes=range(3, 11)):
+def recorded_sweeps(record=RESULTS / SWEEPS, cache_dir=CACHE_DIR):
+    """{model: {"label @ nfe": rmse}}: the committed record first, the benchmark's cache for the rest."""
+    sweeps = {spec: entry["sweep"] for spec, entry in
+              (json.loads(record.read_text()) if record.is_file() else {}).items()}
+    for spec in MODELS:
+        path = cache_dir / f"{slug(spec)}_seeds{SEEDS.get(spec, 128)}.json"
+        if spec not in sweeps and path.is_file():
+            sweeps[spec] = json.loads(path.read_text())["sweep"]
+    return sweeps
+
+
+def load_sweeps(nfes=range(3, 11), sweeps=None):
     """{(model, nfe): {label: rmse}} from the recorded sweeps."""
     table = defaultdict(dict)
-    for spec in MODELS:
-        path = CACHE_DIR / f"{slug(spec)}_seeds{SEEDS.get(spec, 128)}.json"
-        if not path.is_file():
-            continue
-        for key, value in json.loads(path.read_text())["sweep"].items():
+    for spec, sweep in (recorded_sweeps() if sweeps is None else sweeps).items():
+        for key, value in sweep.items():
             label, nfe = key.rsplit(" @ ", 1)
             if value is not None and int(nfe) in nfes:
                 table[(spec, int(nfe))][label] = value

@@ -22,6 +22,9 @@ For every benchmark model:
 
 Results (raw, per model) are cached under evaluation/.cache/learned/ as they are made, so an
 interrupted run resumes; ``results/learned.json`` and ``results/learned.md`` are written from them.
+Every model's whole sweep (each configuration's RMSE, with the weights it was measured on) is also
+written to ``results/sweeps.json``, the committed record that ``evaluation.defaults`` scores;
+``--sweep-only`` runs and records the sweeps alone (no training, learned.json left as it is).
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ from evaluation.common import (CACHE, RESULTS, converged, exact_endpoints, featu
 MODELS = ["gmm:synthetic:16:3x32x32:0", "gmm:synthetic:32:1x8x8:5", "gmm:digits", "gmm:digits:0.1",
           "gmm:fashion-mnist:0:10000", "gmm:fashion-mnist:0.1:10000", "fashion-mnist"]
 SEEDS = {"fashion-mnist": 64, "gmm:fashion-mnist:0:10000": 64, "gmm:fashion-mnist:0.1:10000": 64}
+REFERENCE_KIND = {"converged": "converged samples (Heun NFE 160)", "exact": "exact ODE endpoints (tol 1e-9)"}
+SWEEPS = "sweeps.json"
 SCHEDULES = [("polynomial", {"rho": 7.0}), ("logsnr", {}), ("time_uniform", {"rho": 2.0})]
 # Which bases each method accepts, besides its default (None: any registered solver).
 ACCEPTS = {"ld3": None, "pas": None, "s4s": ("euler", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc"),
@@ -81,10 +86,10 @@ class Bench:
         t0 = time.perf_counter()
         if spec == "fashion-mnist":
             self.reference = converged(self.model, seeds, "heun", 160).to(torch.float64)
-            self.reference_kind = "converged samples (Heun NFE 160)"
+            self.reference_kind = REFERENCE_KIND["converged"]
         else:
             self.reference, _ = exact_endpoints(self.model, spec, 0, seeds)
-            self.reference_kind = "exact ODE endpoints (tol 1e-9)"
+            self.reference_kind = REFERENCE_KIND["exact"]
         log(f"[{spec}] reference for {seeds} seeds: {time.perf_counter() - t0:.0f} s")
         self.path = cache_dir / f"{slug(spec)}_seeds{seeds}.json"
         self.results = json.loads(self.path.read_text()) if self.path.is_file() else {"sweep": {}, "learned": {}}
@@ -227,6 +232,24 @@ def report(models: List[str], nfes, sweep_nfes, cache_dir: Path = CACHE_DIR) -> 
     return rep
 
 
+def record_sweeps(path: Path, models: List[str], cache_dir: Path = CACHE_DIR) -> dict:
+    """Merge the cached sweeps of ``models`` into the committed record at ``path``.
+
+    One entry per model: its seeds, weights hash, reference and {"label @ nfe": rmse}.  A model's
+    entry is replaced whole, so a record never mixes runs made on different weights."""
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    for spec in models:
+        cached = cache_dir / f"{slug(spec)}_seeds{SEEDS.get(spec, 128)}.json"
+        if not cached.is_file():
+            continue
+        res = json.loads(cached.read_text())
+        record[spec] = {"seeds": SEEDS.get(spec, 128), "weights": res.get("weights"),
+                        "reference": REFERENCE_KIND["converged" if spec == "fashion-mnist" else "exact"],
+                        "recorded": machine(), "sweep": res["sweep"]}
+    write_atomic(path, json.dumps(dict(sorted(record.items())), indent=1).encode() + b"\n")
+    return record
+
+
 def markdown(rep: dict) -> str:
     lines = ["# Learned samplers vs the best untrained configuration", "",
              f"Recorded {rep.get('machine', {}).get('date', '?')} ({rep.get('machine', {}).get('cpu', '?')}). "
@@ -271,6 +294,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fid", action="store_true", help="paired FID on the bundled model (2000 images)")
     parser.add_argument("--fid-images", type=int, default=2000)
     parser.add_argument("--report", action="store_true", help="only write the tables from the cache")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="only the untrained sweeps: record them in OUT/sweeps.json, train nothing")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR,
@@ -284,15 +309,21 @@ def main(argv=None) -> int:
     if not args.report:
         for spec in models:
             bench = Bench(spec, SEEDS.get(spec, 128), log, args.cache_dir)
-            bench.sweep(sorted(set(sweep_nfes) | set(nfes)))
+            bench.sweep(sorted(set(sweep_nfes) | (set() if args.sweep_only else set(nfes))))
+            if args.sweep_only:
+                continue
             for nfe in nfes:
                 bench.train(nfe)
             if args.fid and spec == "fashion-mnist" and "fid" not in bench.results:
                 bench.results["fid"] = fid_section(bench, [n for n in nfes if n <= 5], args.fid_images, log)
                 bench.save()
+    args.out.mkdir(parents=True, exist_ok=True)
+    record_sweeps(args.out / SWEEPS, models, args.cache_dir)
+    log(f"recorded the sweeps in {args.out / SWEEPS}")
+    if args.sweep_only:
+        return 0
     rep = report(models, nfes, sweep_nfes, args.cache_dir)
     rep["machine"] = machine()
-    args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "learned.json", json.dumps(rep, indent=1).encode() + b"\n")
     write_atomic(args.out / "learned.md", markdown(rep).encode())
     log(f"wrote {args.out / 'learned.json'} and learned.md")

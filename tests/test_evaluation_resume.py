@@ -23,3 +23,29 @@ def test_rows_of_other_weights_are_dropped_and_rows_of_the_same_weights_kept():
     assert drop_stale_bundled(report, ["bundled"], model=old) == [] and report["bundled"] == {"x": 5}
     assert drop_stale_bundled(report, ["bundled"], model=new) == ["bundled"]
     assert report["bundled_weights"] == weights_hash(new) != weights_hash(old)
+
+
+def test_recorded_sweeps_replace_a_models_entry_whole_and_feed_the_defaults_score(tmp_path):
+    """results/sweeps.json keeps each model's whole sweep with its weights; a rerun of one model on
+    new weights replaces that model's entry (no old rows survive) and leaves the others; the
+    defaults score reads the record and ranks the configurations by exact ratios."""
+    import json
+    from evaluation.defaults import load_sweeps, score
+    from evaluation.learned_benchmark import record_sweeps
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write = lambda name, weights, sweep: (cache / name).write_text(json.dumps({"weights": weights, "sweep": sweep}))
+    write("gmm-digits_seeds128.json", "w-digits", {"euler | logsnr @ 3": 2.0, "unipc | logsnr @ 3": 1.0})
+    write("fashion-mnist_seeds64.json", "w-old", {"euler | logsnr @ 3": 4.0, "ipndm | logsnr @ 3": 8.0})
+    record = tmp_path / "sweeps.json"
+    record_sweeps(record, ["gmm:digits", "fashion-mnist"], cache)
+    write("fashion-mnist_seeds64.json", "w-new", {"euler | logsnr @ 3": 3.0, "unipc | logsnr @ 3": 6.0})
+    entries = record_sweeps(record, ["fashion-mnist"], cache)
+    assert entries["fashion-mnist"]["weights"] == "w-new" and entries["gmm:digits"]["weights"] == "w-digits"
+    assert "ipndm | logsnr @ 3" not in entries["fashion-mnist"]["sweep"]
+    assert json.loads(record.read_text()) == entries
+    table = load_sweeps(sweeps={spec: e["sweep"] for spec, e in entries.items()})
+    assert table[("fashion-mnist", 3)] == {"euler | logsnr": 3.0, "unipc | logsnr": 6.0}
+    unipc, cells = score(table, lambda label: label.startswith("unipc"))
+    assert cells == 2 and abs(unipc - (1.0 * 2.0) ** 0.5) < 1e-12      # ratios 1 (digits) and 2 (fashion-mnist)
