@@ -228,7 +228,8 @@ def report(models: List[str], nfes, sweep_nfes, cache_dir: Path = CACHE_DIR) -> 
                 entry.update({"best_learned": best_key, "best_learned_rmse": learned[best_key]["rmse"],
                               "ratio": learned[best_key]["rmse"] / base_value, "learned": learned})
             per_nfe[str(nfe)] = entry
-        rep["models"][spec] = {"seeds": SEEDS.get(spec, 128), "per_nfe": per_nfe, "fid": res.get("fid")}
+        rep["models"][spec] = {"seeds": SEEDS.get(spec, 128), "weights": res.get("weights"), "per_nfe": per_nfe,
+                               "fid": res.get("fid")}
     return rep
 
 

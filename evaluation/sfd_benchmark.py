@@ -127,13 +127,17 @@ def _slug(config: dict) -> str:
     return f"{config['solver']}_nfe{config['nfe']}_{config['schedule']}{opts}_{'afs' if config['afs'] else 'noafs'}"
 
 
-def learned_rows(nfes) -> List[dict]:
+LEARNED_REPORTS = ("learned.json", "retrained/learned.json")
+
+
+def learned_rows(nfes, weights: str) -> List[dict]:
     """The learned samplers recorded on the bundled model at these NFEs, as recorded: AMED's rows of
-    ``results/amed.json`` (500 images, 256 seeds) and every method of ``results/learned.json``
-    (the other issue's benchmark: RMSE on its own test seeds, paired FID of its best)."""
+    ``results/amed.json`` (500 images, 256 seeds) and every method of the learned-sampler reports
+    (``LEARNED_REPORTS``; the other issue's benchmark: RMSE on its own test seeds, paired FID of its
+    best); only rows recorded on the teacher's ``weights`` (other weights' rows do not compare)."""
     rows = []
     amed = RESULTS / "amed.json"
-    if amed.is_file():
+    if amed.is_file() and json.loads(amed.read_text()).get("bundled_weights") == weights:
         report = json.loads(amed.read_text())
         for method, per in report.get("bundled", {}).items():
             if not method.startswith("amed"):
@@ -142,9 +146,11 @@ def learned_rows(nfes) -> List[dict]:
                 if int(nfe) in nfes:
                     rows.append({"source": f"amed.json (FID on {report.get('images')} images)", "method": method,
                                  "nfe": int(nfe), "fid": row.get("fid"), "rmse": row.get("rmse")})
-    learned = RESULTS / "learned.json"
-    if learned.is_file():
-        info = json.loads(learned.read_text()).get("models", {}).get("fashion-mnist", {})
+    for name in LEARNED_REPORTS:
+        learned = RESULTS / name
+        info = json.loads(learned.read_text()).get("models", {}).get("fashion-mnist", {}) if learned.is_file() else {}
+        if info.get("weights") != weights:
+            continue
         fids = info.get("fid") or {}
         for nfe, entry in (info.get("per_nfe") or {}).items():
             if int(nfe) not in nfes:
@@ -154,7 +160,7 @@ def learned_rows(nfes) -> List[dict]:
                     continue                               # the default run under another name
                 fid = fids.get(nfe, {})
                 measured = str(fid.get("learned", "")).rsplit(" @ ", 1)[0] == method
-                rows.append({"source": f"learned.json (RMSE on {info.get('seeds')} seeds)", "method": method,
+                rows.append({"source": f"{name} (RMSE on {info.get('seeds')} seeds)", "method": method,
                              "nfe": int(nfe), "rmse": row.get("rmse"),
                              "fid": fid.get("fid_learned") if measured else None})
     return rows
@@ -249,7 +255,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     report["targets"] = targets
     same_nfe = {k: min(sweep[k], key=lambda r: r["rmse"]) for k in nfes if k in sweep}
     report["same_nfe_best_rmse"] = {str(k): v for k, v in same_nfe.items()}
-    report["learned"] = learned_rows(set(nfes))
+    report["learned"] = learned_rows(set(nfes), weights_hash(teacher))
     report["seconds"] = time.perf_counter() - t_start
     write_report("sfd", report, markdown(report), folder=args.out)
     log(f"wrote {args.out / 'sfd.json'} and sfd.md")

@@ -49,3 +49,21 @@ def test_recorded_sweeps_replace_a_models_entry_whole_and_feed_the_defaults_scor
     assert table[("fashion-mnist", 3)] == {"euler | logsnr": 3.0, "unipc | logsnr": 6.0}
     unipc, cells = score(table, lambda label: label.startswith("unipc"))
     assert cells == 2 and abs(unipc - (1.0 * 2.0) ** 0.5) < 1e-12      # ratios 1 (digits) and 2 (fashion-mnist)
+
+
+def test_the_sfd_report_compares_only_learned_rows_of_the_students_teacher(tmp_path, monkeypatch):
+    import json
+    import evaluation.sfd_benchmark as sfd
+
+    monkeypatch.setattr(sfd, "RESULTS", tmp_path)
+    (tmp_path / "amed.json").write_text(json.dumps(
+        {"images": 500, "bundled_weights": "old", "bundled": {"amed-ipndm": {"4": {"rmse": 0.1, "fid": 3.0}}}}))
+    (tmp_path / "retrained").mkdir()
+    learned = lambda weights, rmse: json.dumps({"models": {"fashion-mnist": {
+        "seeds": 64, "weights": weights, "fid": {}, "per_nfe": {"4": {"learned": {"s4s | default": {"rmse": rmse}}}}}}})
+    (tmp_path / "learned.json").write_text(learned("old", 0.2))
+    (tmp_path / "retrained" / "learned.json").write_text(learned("new", 0.05))
+    rows = sfd.learned_rows({3, 4}, "new")
+    assert [(r["method"], r["rmse"]) for r in rows] == [("s4s | default", 0.05)]
+    assert {r["method"] for r in sfd.learned_rows({4}, "old")} == {"amed-ipndm", "s4s | default"}
+    assert sfd.learned_rows({4}, "other") == []
