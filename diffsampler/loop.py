@@ -70,9 +70,10 @@ class Evaluator:
     """
 
     def __init__(self, denoiser, cond: Dict[str, Any], model_dtype: torch.dtype, work_dtype: torch.dtype,
-                 batch: int, device: torch.device, max_calls: int, reads: Optional[str] = None):
+                 batch: int, device: torch.device, max_calls: int, reads: Optional[str] = None,
+                 feature_dim: Optional[int] = None):
         self.denoiser, self.cond = denoiser, cond
-        self.tap = FeatureTap(denoiser, reads, None) if reads is not None else None
+        self.tap = FeatureTap(denoiser, reads, feature_dim) if reads is not None else None
         self.model_dtype, self.work_dtype = model_dtype, work_dtype
         self.batch, self.device = batch, device
         self.calls = 0
@@ -226,7 +227,8 @@ def check_noise(noise) -> None:
 def evaluator_for(plan: Plan, denoiser, noise: torch.Tensor, cond: Optional[Dict[str, Any]] = None) -> Evaluator:
     """The evaluator of one run of ``plan`` on ``noise``'s batch, device and dtype."""
     return Evaluator(denoiser, {**(cond or {}), **plan.model_inputs}, noise.dtype, work_dtype(noise.device),
-                     noise.shape[0], noise.device, max_calls=plan.nfe, reads=plan.reads)
+                     noise.shape[0], noise.device, max_calls=plan.nfe, reads=plan.reads,
+                     feature_dim=plan.feature_dim)
 
 
 def _raise_if_not_finite(evaluate: Evaluator) -> None:

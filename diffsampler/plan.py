@@ -66,6 +66,11 @@ class Plan:
         """What the step rule reads from the model besides its output (a feature module), or None."""
         return self.learned.reads if self.learned is not None else None
 
+    @property
+    def feature_dim(self) -> Optional[int]:
+        """How many numbers the step rule reads per evaluation (None: it reads none)."""
+        return self.learned.feature_dim if self.learned is not None else None
+
     def sigma_tensor(self):
         import torch
         return torch.tensor([float(s) for s in self.sigmas], dtype=torch.float64)

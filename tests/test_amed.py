@@ -167,6 +167,20 @@ def test_gradients_reach_only_the_predictor(through):
     assert any(float(p.detach().abs().sum()) > 0 for p in predictor.net[-1].parameters())   # it moved off zero
 
 
+@pytest.mark.parametrize("student", ["amed", "ipndm"])
+def test_a_predictor_of_network_features_samples_with_the_analytical_first_step(student):
+    """AFS makes no model call, so there is no activation to read: the step sees the zero feature
+    of the predictor's size (it used to fail on the bundled network, whose feature is hooked)."""
+    model = tiny_unet_denoiser()
+    predictor = amed.train(model, solver=student, nfe=5, afs=True, iters=2, batch=4, M=1, lr=0.1)
+    assert predictor.afs and predictor.feature_source == "mid"
+    noise = seed_noise(range(3), (1, 8, 8))
+    out = sample(model, noise, amed=predictor)
+    assert out.nfe == 5 and torch.isfinite(out.samples).all()
+    alone = torch.cat([sample(model, noise[k:k + 1], amed=predictor).samples for k in range(3)])
+    torch.testing.assert_close(out.samples, alone, rtol=0, atol=1e-5)
+
+
 def test_learned_points_are_per_sample_and_batch_independent():
     model = tiny_unet_denoiser(seed=1)
     predictor = amed.train(model, solver="ipndm", nfe=4, iters=3, batch=4, M=1, lr=0.1)

@@ -6,7 +6,9 @@ its base solver exactly (the tests check it).  What one method file provides:
 * **to a plan** (:meth:`LearnedSampler.plan`): the step rule (:meth:`step_rule`, a Solver that
   uses the parameters), the grid (:meth:`grid`: the base grid, or a learned one, differentiable in
   training) and the AFS setting; and what it reads from the model besides its output
-  (:attr:`reads`: a feature module, see :mod:`diffsampler.models.features`, or None).
+  (:attr:`reads`: a feature module, see :mod:`diffsampler.models.features`, or None; and
+  :attr:`feature_dim`, how many numbers it reads, so an evaluation that makes no model call, the
+  analytical first step, can stand in the zero feature of that size).
 * **to distillation** (:mod:`.distill`): :attr:`targets` (``"steps"``: the teacher's states at the
   end of every student step, on a fixed grid; ``"endpoint"``: its final sample, for methods that
   move the grid) and the teacher it is compared with by default.
@@ -49,6 +51,7 @@ class LearnedSampler(nn.Module):
     default_train_images: ClassVar[Optional[int]] = None      # None: every batch fresh
     accepts: ClassVar[Optional[Tuple[str, ...]]] = None         # base solvers it can start from (None: any)
     reads: Optional[str] = None
+    feature_dim: Optional[int] = None
 
     def __init__(self, settings: Dict[str, Any]):
         super().__init__()

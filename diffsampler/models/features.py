@@ -102,6 +102,9 @@ class FeatureTap:
         else:
             features = _pool(self.activation, batch) if self.activation is not None else None
         if features is None:
+            if self.dim is None:
+                raise RuntimeError(f"no model call to read {self.source!r} from, and the feature size is not known: "
+                                   "give the FeatureTap the dim the predictor reads")
             return torch.zeros(batch, self.dim, device=x.device)
         if self.dim is not None and features.shape[1] != self.dim:
             raise ValueError(f"this AMED predictor reads {self.dim} features from {self.source!r} but the model gives "
