@@ -129,11 +129,13 @@ class Bench:
         value, label = min(rows)
         return value, label, next(c for c in configurations() if c[0] == label)
 
-    def learned_runs(self, nfe):
-        """(key, method, learn() keyword arguments) for this NFE."""
+    def learned_runs(self, nfe, methods=None):
+        """(key, method, learn() keyword arguments) for this NFE (every method, or ``methods``)."""
         _, label, (_, name, options, schedule, schedule_options, afs) = self.baseline(nfe)
         runs = []
         for method, cls in LEARNED.items():
+            if methods is not None and method not in methods:
+                continue
             default = dict(solver=cls.default_solver)
             if method == "amed" and nfe % 2:
                 default.update(plain_first=True)
@@ -149,14 +151,15 @@ class Bench:
             runs.append((f"{method} | on the baseline ({label})", method, kw))
         return runs
 
-    def train(self, nfe):
+    def train(self, nfe, methods=None):
         done = self.results["learned"]
-        for key, method, kw in self.learned_runs(nfe):
+        for key, method, kw in self.learned_runs(nfe, methods):
             key = f"{key} @ {nfe}"
-            if key in done:
+            if key in done and done[key].get("training") == training_defaults(method):
                 continue
             default = done.get(f"{method} | default ({LEARNED[method].default_solver} base) @ {nfe}", {})
-            if "on the baseline" in key and _same_request(default.get("options"), kw):
+            if "on the baseline" in key and _same_request(default.get("options"), kw) \
+                    and default.get("training") == training_defaults(method):
                 done[key] = {**default, "same_as": "the default run (auto chose the baseline's base)"}
                 self.save()
                 continue
@@ -164,7 +167,7 @@ class Bench:
             try:
                 sampler = learn(method, self.model, nfe=nfe, cond=self.cond_fn, dtype=self.dtype, **kw)
             except ValueError as err:
-                done[key] = {"error": str(err)}
+                done[key] = {"error": str(err), "training": training_defaults(method)}
                 self.log(f"[{self.spec}] {key}: {err}")
                 self.save()
                 continue
@@ -175,10 +178,17 @@ class Bench:
             neutral = self.rmse(learned=LEARNED[method].create(self.model, self.model.shape, nfe=nfe, cond=self.cond_fn,
                                                                dtype=self.dtype, **base))[0]
             done[key] = {"rmse": value, "neutral_rmse": neutral, "nfe": used, "rounds": rounds, "train_s": seconds,
-                         "best_iteration": sampler.settings["best_iteration"], "options": base}
+                         "best_iteration": sampler.settings["best_iteration"], "options": base,
+                         "training": training_defaults(method)}
             self.log(f"[{self.spec}] {key}: {value:.4f} (neutral {neutral:.4f}, baseline {self.baseline(nfe)[0]:.4f}), "
                      f"{seconds:.0f} s")
             self.save()
+
+
+def training_defaults(method: str) -> dict:
+    """The method's training defaults today: a cached run made with other ones is redone."""
+    cls = LEARNED[method]
+    return {"iters": cls.default_iters, "train_images": cls.default_train_images, "lr": cls.default_lr}
 
 
 def _same_request(a, b) -> bool:
@@ -295,6 +305,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fid", action="store_true", help="paired FID on the bundled model (2000 images)")
     parser.add_argument("--fid-images", type=int, default=2000)
     parser.add_argument("--report", action="store_true", help="only write the tables from the cache")
+    parser.add_argument("--methods", default=",".join(LEARNED),
+                        help="learned samplers to train (default: every one); the tables show those measured")
     parser.add_argument("--sweep-only", action="store_true",
                         help="only the untrained sweeps: record them in OUT/sweeps.json, train nothing")
     parser.add_argument("--threads", type=int, default=1)
@@ -314,7 +326,7 @@ def main(argv=None) -> int:
             if args.sweep_only:
                 continue
             for nfe in nfes:
-                bench.train(nfe)
+                bench.train(nfe, methods=args.methods.split(","))
             if args.fid and spec == "fashion-mnist" and "fid" not in bench.results:
                 bench.results["fid"] = fid_section(bench, [n for n in nfes if n <= 5], args.fid_images, log)
                 bench.save()
