@@ -24,8 +24,7 @@ import math
 from collections import defaultdict
 
 from evaluation.common import RESULTS, machine, markdown_table
-from evaluation.learned_benchmark import CACHE_DIR, MODELS, SEEDS, SWEEPS
-from evaluation.common import slug
+from evaluation.learned_benchmark import CACHE_DIR, MODELS, SWEEPS, cache_path
 
 
 def recorded_sweeps(record=RESULTS / SWEEPS, cache_dir=CACHE_DIR):
@@ -33,7 +32,7 @@ def recorded_sweeps(record=RESULTS / SWEEPS, cache_dir=CACHE_DIR):
     sweeps = {spec: entry["sweep"] for spec, entry in
               (json.loads(record.read_text()) if record.is_file() else {}).items()}
     for spec in MODELS:
-        path = cache_dir / f"{slug(spec)}_seeds{SEEDS.get(spec, 128)}.json"
+        path = cache_path(spec, cache_dir)
         if spec not in sweeps and path.is_file():
             sweeps[spec] = json.loads(path.read_text())["sweep"]
     return sweeps

@@ -72,6 +72,11 @@ def configurations():
                 yield label, name, options, schedule, schedule_options, afs
 
 
+def cache_path(spec: str, cache_dir: Path = CACHE_DIR) -> Path:
+    """Where one model's raw results (sweep and learned runs) are cached."""
+    return cache_dir / f"{slug(spec)}_seeds{SEEDS.get(spec, 128)}.json"
+
+
 class Bench:
     """One benchmark model: its test seeds, reference, conditioning and cached results."""
 
@@ -219,7 +224,7 @@ def report(models: List[str], nfes, sweep_nfes, cache_dir: Path = CACHE_DIR) -> 
     """The recorded results of every model (from the cache) with the summary tables' numbers."""
     rep = {"models": {}}
     for spec in models:
-        path = cache_dir / f"{slug(spec)}_seeds{SEEDS.get(spec, 128)}.json"
+        path = cache_path(spec, cache_dir)
         if not path.is_file():
             continue
         res = json.loads(path.read_text())
@@ -250,7 +255,7 @@ def record_sweeps(path: Path, models: List[str], cache_dir: Path = CACHE_DIR) ->
     entry is replaced whole, so a record never mixes runs made on different weights."""
     record = json.loads(path.read_text()) if path.is_file() else {}
     for spec in models:
-        cached = cache_dir / f"{slug(spec)}_seeds{SEEDS.get(spec, 128)}.json"
+        cached = cache_path(spec, cache_dir)
         if not cached.is_file():
             continue
         res = json.loads(cached.read_text())

@@ -137,8 +137,8 @@ def learned_rows(nfes, weights: str) -> List[dict]:
     best); only rows recorded on the teacher's ``weights`` (other weights' rows do not compare)."""
     rows = []
     amed = RESULTS / "amed.json"
-    if amed.is_file() and json.loads(amed.read_text()).get("bundled_weights") == weights:
-        report = json.loads(amed.read_text())
+    report = json.loads(amed.read_text()) if amed.is_file() else {}
+    if report.get("bundled_weights") == weights:
         for method, per in report.get("bundled", {}).items():
             if not method.startswith("amed"):
                 continue
