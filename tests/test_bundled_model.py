@@ -315,6 +315,52 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_a_finished_run_is_not_retrained_or_overwritten(tmp_path):
+    first = train(_tiny_cfg(tmp_path, steps=4), quiet=True)
+    weights = (tmp_path / "run" / "model.safetensors").read_bytes()
+    # the same run again, on more threads: nothing to do, the weights file untouched
+    again = train(_tiny_cfg(tmp_path, steps=4, threads=2), quiet=True)
+    assert again["already_done"] and again["net"] is None and again["steps"] == 4
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
+    for (k, a), (_, b) in zip(first["ema"].state_dict().items(), again["ema"].state_dict().items()):
+        assert torch.equal(a, b), k
+    # other settings in the same folder are refused, naming what differs
+    with pytest.raises(ValueError, match=r"lr 0\.002 there, 0\.0005 asked"):
+        train(_tiny_cfg(tmp_path, steps=4, lr=5e-4), quiet=True)
+    with pytest.raises(ValueError, match="cannot become a 8-step run"):
+        train(_tiny_cfg(tmp_path, steps=8), quiet=True)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
+    # --no-resume starts over on purpose
+    over = train(_tiny_cfg(tmp_path, steps=4, lr=5e-4, resume=False), quiet=True)
+    assert not over.get("already_done") and (tmp_path / "run" / "model.safetensors").read_bytes() != weights
+
+
+def test_an_unfinished_run_is_continued_only_with_its_own_settings(tmp_path):
+    train(_tiny_cfg(tmp_path, steps=3, keep_state=True), quiet=True)
+    with pytest.raises(ValueError, match=r"unfinished run .*batch 32 there, 16 asked"):
+        train(_tiny_cfg(tmp_path, steps=6, batch=16), quiet=True)
+    with pytest.raises(ValueError, match="3 are already trained, more than the 2 asked"):
+        train(_tiny_cfg(tmp_path, steps=2), quiet=True)
+    # a cosine schedule is a function of the total steps: a longer run is another run
+    train(_tiny_cfg(tmp_path, out=str(tmp_path / "cos"), steps=3, keep_state=True, lr_schedule="cosine"), quiet=True)
+    with pytest.raises(ValueError, match="schedule depends on the total number of steps"):
+        train(_tiny_cfg(tmp_path, out=str(tmp_path / "cos"), steps=6, lr_schedule="cosine"), quiet=True)
+
+
+def test_train_command_reports_a_settings_clash_in_one_line(tmp_path):
+    from click.testing import CliRunner
+    from diffsampler.cli import main
+
+    args = ["train", "model", "--dataset", "digits", "--steps", "2", "--batch", "8", "--base-channels", "8",
+            "--channel-mult", "1,2", "--groups", "4", "--log-every", "1", "--out", str(tmp_path / "m")]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    res = CliRunner().invoke(main, args + ["--lr", "3e-4"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "lr 0.001 there, 0.0003 asked" in res.output and "--no-resume" in res.output
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0 and "nothing to do" in res.output
+
+
 def test_wall_clock_budget_stops_and_keeps_state(tmp_path):
     res = train(_tiny_cfg(tmp_path, steps=1000, minutes=1e-9), quiet=True)
     assert res["stopped_by_budget"] and res["steps"] == 0

@@ -18,7 +18,10 @@ def train_group():
 def train_model(args):
     """Train (or resume) an EDM U-Net on a small dataset; `diffsampler train model --help` lists its options."""
     from ..tools.train_unet import main
-    sys.exit(main(list(args)))
+    from .runtime import user_errors
+    with user_errors():
+        code = main(list(args))
+    sys.exit(code)
 
 
 @train_group.command("classifier", **FORWARD)
@@ -26,4 +29,7 @@ def train_model(args):
 def train_classifier(args):
     """Train the Fashion-MNIST classifier; `diffsampler train classifier --help` lists its options."""
     from ..tools.train_classifier import main
-    sys.exit(main(list(args)))
+    from .runtime import user_errors
+    with user_errors():
+        code = main(list(args))
+    sys.exit(code)

@@ -23,6 +23,17 @@ Outputs in ``--out``: ``model.safetensors`` (EMA weights, float16 by default), `
 (architecture and everything needed to rebuild the denoiser) and, while training is incomplete,
 ``train_state.pt`` (removed when the requested number of steps is reached unless
 ``--keep-state``).
+
+A folder is only ever continued with the settings that started it: resuming with a different
+learning rate, batch, recipe or architecture, or rerunning a finished run with other settings, is
+refused with the list of differences (``--no-resume`` starts over; another ``--out`` keeps both).
+Rerunning a finished run with its own settings does nothing.  Only where the run writes, its
+device and threads, its wall-clock budget and its reporting and export options may change; so may
+``--steps`` of an unfinished run with a constant learning rate (the same run, trained longer).
+
+The EMA decay ramps up as ``min(ema_decay, (1 + step) / (10 + step))``, which reaches 0.999 at
+step 8,990 and 0.9995 at step 17,990; a shorter run never uses the ``--ema-decay`` it asks for
+(the run says so when it starts).
 """
 from __future__ import annotations
 
@@ -186,12 +197,70 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+# What may change between the invocations of one run: where it writes, how fast it goes, how often
+# it reports and saves, how it exports.  Every other setting changes what the run computes.
+RUN_ONLY_SETTINGS = frozenset({"out", "threads", "device", "minutes", "save_every", "log_every", "resume",
+                               "keep_state", "export_dtype"})
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def settings_conflicts(saved: Dict, cfg: TrainConfig, done_steps: int, finished: bool) -> List[str]:
+    """What differs between the settings a run in a folder was made with (``saved``, its
+    ``train_config``) and ``cfg``, in a way that continuing or reusing that run would not give the
+    run ``cfg`` asks for.  Empty: the folder holds (part of) this very run."""
+    defaults = asdict(TrainConfig())
+    conflicts = []
+    for key, value in asdict(cfg).items():
+        if key in RUN_ONLY_SETTINGS or key == "steps":
+            continue
+        old = saved.get(key, defaults[key])
+        if _plain(old) != _plain(value):
+            conflicts.append(f"{key} {old!r} there, {value!r} asked")
+    old_steps = saved.get("steps", done_steps)
+    if finished and cfg.steps != done_steps:
+        conflicts.append(f"steps: it finished at {done_steps} steps and its training state was removed, so it "
+                         f"cannot become a {cfg.steps}-step run (--keep-state keeps the state of a finished run)")
+    elif not finished and cfg.steps < done_steps:
+        conflicts.append(f"steps: {done_steps} are already trained, more than the {cfg.steps} asked")
+    elif not finished and cfg.steps != old_steps and cfg.lr_schedule != "constant":
+        conflicts.append(f"steps {old_steps} there, {cfg.steps} asked: the {cfg.lr_schedule} learning-rate "
+                         "schedule depends on the total number of steps")
+    return conflicts
+
+
+def _refuse(what: str, conflicts: List[str]) -> ValueError:
+    return ValueError(f"{what} was made with other settings ({'; '.join(conflicts)}), so it is not continued "
+                      "or reused: rerun with its settings, pick another --out, or pass --no-resume to start over "
+                      "and overwrite it")
+
+
+def finished_run(cfg: TrainConfig) -> Optional[Dict]:
+    """The ``config.json`` of the finished run ``cfg`` asks for, if ``cfg.out`` holds it (None if
+    the folder holds no finished model); refuses a folder holding another model or another run."""
+    out = Path(cfg.out)
+    if not cfg.resume or (out / STATE_FILE).exists() or not (out / CONFIG_FILE).exists():
+        return None
+    meta = json.loads((out / CONFIG_FILE).read_text())
+    if "train_config" not in meta or not (out / WEIGHTS_FILE).exists():
+        raise ValueError(f"{out} holds {CONFIG_FILE} of a model this trainer did not write (or no weights); "
+                         "pick another --out, or pass --no-resume to overwrite it")
+    conflicts = settings_conflicts(meta["train_config"], cfg, int(meta["steps"]), finished=True)
+    if conflicts:
+        raise _refuse(f"The finished model in {out}", conflicts)
+    return meta
+
+
 def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, quiet: bool = False) -> Dict:
     """Run (or resume) training.
 
     Returns ``{"steps", "losses", "seconds", "stopped_by_budget", "out", "wall_seconds",
     "net", "ema", "denoiser"}`` (``net`` the trained weights, ``ema`` their moving average -- the
-    exported model -- and ``denoiser`` the preconditioned wrapper around ``net``).
+    exported model -- and ``denoiser`` the preconditioned wrapper around ``net``).  If ``cfg.out``
+    already holds this finished run nothing is trained: ``already_done`` is True, ``net`` None,
+    ``losses`` empty and ``ema`` / ``denoiser`` the exported model.
 
     ``data`` overrides the dataset named in ``cfg`` (images in [-1, 1], int64 labels).
     """
@@ -200,6 +269,16 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
     torch.set_num_threads(max(1, int(cfg.threads)))
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    done = finished_run(cfg)
+    if done is not None:
+        from ..models.bundled import load_bundled
+
+        log(f"{out} already holds this run, finished at step {done['steps']}: nothing to do "
+            "(--no-resume retrains it)")
+        denoiser = load_bundled(out.name, root=out.parent)
+        return {"steps": int(done["steps"]), "losses": [], "seconds": done["training_seconds"],
+                "stopped_by_budget": False, "out": str(out), "wall_seconds": time.time() - start_wall,
+                "net": None, "ema": denoiser.net, "denoiser": denoiser, "already_done": True}
     out.mkdir(parents=True, exist_ok=True)
 
     if data is None:
@@ -230,6 +309,9 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state["unet"] != net.config.to_dict():
             raise ValueError(f"{state_path} was written for a different architecture; remove it or use --no-resume")
+        conflicts = settings_conflicts(state["train_config"], cfg, int(state["step"]), finished=False)
+        if conflicts:
+            raise _refuse(f"The unfinished run in {out} ({state['step']} steps)", conflicts)
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -239,6 +321,11 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
         step, elapsed_before, losses = state["step"], state["elapsed"], state["losses"]
         log(f"resumed from {state_path} at step {step} ({elapsed_before / 60:.1f} min trained)")
 
+    ramp_end = 9.0 / (1.0 - cfg.ema_decay) - 10.0 if cfg.ema_decay < 1 else math.inf
+    if cfg.steps < ramp_end:
+        log(f"note: the EMA warm-up min({cfg.ema_decay}, (1 + step) / (10 + step)) reaches --ema-decay "
+            f"{cfg.ema_decay} only at step {math.ceil(ramp_end)}; this {cfg.steps}-step run ends at decay "
+            f"{(1 + cfg.steps) / (10 + cfg.steps):.5f}")
     n_params = count_parameters(net)
     log(f"dataset {cfg.dataset}: {n_data} images of shape {shape}, {num_classes} classes; "
         f"U-Net {n_params / 1e6:.3f}M parameters; {cfg.steps} steps of batch {cfg.batch}, "
