@@ -361,6 +361,50 @@ def test_train_command_reports_a_settings_clash_in_one_line(tmp_path):
     assert res.exit_code == 0 and "nothing to do" in res.output
 
 
+def test_torchrun_training_is_the_one_process_run(tmp_path):
+    """DDP over two gloo processes, each training on half of every batch: the same run up to
+    rounding, and a run interrupted under torchrun resumes in one process to the same weights."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["train", "model", "--dataset", "digits", "--steps", "6", "--batch", "16", "--base-channels", "8",
+            "--channel-mult", "1,2", "--groups", "4", "--lr", "2e-3", "--warmup-steps", "2",
+            "--export-dtype", "float32", "--no-channels-last", "--log-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*extra):
+        with socket.socket() as probe:              # a free port (another job may hold the usual ones)
+            probe.bind(("127.0.0.1", 0))
+            port = str(probe.getsockname()[1])
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", port, "-m", "diffsampler", *args, *extra],
+                              env=env, capture_output=True, text=True)
+
+    one = subprocess.run([sys.executable, "-m", "diffsampler", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True)
+    two = torchrun("--out", str(tmp_path / "two"))
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["processes"] == 2
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    # 3 steps under torchrun with the state kept, then the other 3 in one process
+    part = torchrun("--out", str(tmp_path / "part"), "--steps", "3", "--keep-state")
+    assert part.returncode == 0, part.stderr[-2000:]
+    assert (tmp_path / "part" / "train_state.pt").exists()
+    rest = subprocess.run([sys.executable, "-m", "diffsampler", *args, "--out", str(tmp_path / "part")],
+                          env=env, capture_output=True, text=True)
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    c = load_file(tmp_path / "part" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_wall_clock_budget_stops_and_keeps_state(tmp_path):
     res = train(_tiny_cfg(tmp_path, steps=1000, minutes=1e-9), quiet=True)
     assert res["stopped_by_budget"] and res["steps"] == 0

@@ -19,6 +19,12 @@ guidance works), optional horizontal flips, a deterministic seed, ``torch.set_nu
 moved into place with ``os.replace``) with automatic resume, and a wall-clock budget
 (``--minutes``) after which the run stops cleanly and exports what it has.
 
+Under torchrun (``torchrun --nproc_per_node N -m diffsampler train model ...``; gloo on CPU, nccl
+with ``--device cuda``) the run is data parallel with DistributedDataParallel: every process draws
+the whole batch from the shared seed, trains on its 1/N share, and the gradients are averaged, so
+the run is the one-process run up to floating-point rounding and resumes on any number of
+processes.  Rank 0 writes the checkpoints.
+
 Outputs in ``--out``: ``model.safetensors`` (EMA weights, float16 by default), ``config.json``
 (architecture and everything needed to rebuild the denoiser) and, while training is incomplete,
 ``train_state.pt`` (removed when the requested number of steps is reached unless
@@ -42,6 +48,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -52,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import DATASETS, FASHION_MNIST_CLASSES, load_dataset
+from ..distributed import barrier, rank_and_world
 from ..fileio import save_torch_atomic, write_atomic
 from ..machine import describe
 from ..models.edm import EDMDenoiser, VPPrecond, loss_weight
@@ -185,8 +193,10 @@ def export_model(net: torch.nn.Module, out: Path, meta: Dict, dtype: str = "floa
 # --------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------
-def build_denoiser(cfg: TrainConfig, shape: Tuple[int, ...], num_classes: int) -> EDMDenoiser:
-    net = UNet(cfg.unet_config(shape[-1], shape[0], num_classes))
+def build_denoiser(cfg: TrainConfig, shape: Tuple[int, ...], num_classes: int,
+                   net: Optional[torch.nn.Module] = None) -> EDMDenoiser:
+    """The preconditioned denoiser of ``cfg`` around ``net`` (default: a new U-Net)."""
+    net = UNet(cfg.unet_config(shape[-1], shape[0], num_classes)) if net is None else net
     return EDMDenoiser(
         net, precond=cfg.precond, sigma_data=cfg.sigma_data, sigma_min=cfg.sigma_min,
         sigma_max=cfg.sigma_max, shape=shape, num_classes=num_classes,
@@ -195,6 +205,25 @@ def build_denoiser(cfg: TrainConfig, shape: Tuple[int, ...], num_classes: int) -
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def _rank_mean(value: torch.Tensor) -> float:
+    """The mean of a scalar over the processes (the whole batch's loss when each holds a share)."""
+    world = rank_and_world()[1]
+    if world > 1:
+        value = value.to(torch.float64).clone()
+        torch.distributed.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every process when it is True on any (they stop at the same step)."""
+    if rank_and_world()[1] > 1:
+        value = torch.tensor([float(flag)])
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+    return flag
 
 
 # What may change between the invocations of one run: where it writes, how fast it goes, how often
@@ -268,6 +297,11 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
     start_wall = time.time()
     torch.set_num_threads(max(1, int(cfg.threads)))
     torch.manual_seed(cfg.seed)
+    rank, world = rank_and_world()
+    if cfg.batch % world:
+        raise ValueError(f"--batch {cfg.batch} does not split evenly over {world} processes")
+    if rank:
+        log = lambda m: None  # noqa: E731 -- rank 0 reports
     out = Path(cfg.out)
     done = finished_run(cfg)
     if done is not None:
@@ -299,6 +333,12 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
     memfmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net.to(memory_format=memfmt)
     denoiser.channels_last = cfg.channels_last
+    trainee = denoiser
+    if world > 1:
+        trainee = build_denoiser(cfg, shape, num_classes,
+                                 net=torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False))
+        trainee.channels_last = cfg.channels_last
+    share = slice(rank * cfg.batch // world, (rank + 1) * cfg.batch // world)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -353,9 +393,12 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
             "loss_curve": loss_curve(losses, cfg.log_every),
             "machine": describe(),
             "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+            "processes": world,
         }
 
     def save_state(seconds: float) -> None:
+        if rank:
+            return
         save_torch_atomic(
             {
                 "step": step, "elapsed": seconds, "losses": losses,
@@ -375,7 +418,7 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
     ema_params = list(ema.parameters())
     net_params = list(net.parameters())
     while step < cfg.steps:
-        if time.time() - run_start >= budget_s:
+        if _any_rank(time.time() - run_start >= budget_s):
             stopped_by_budget = True
             log(f"wall-clock budget of {cfg.minutes} min reached at step {step}")
             break
@@ -395,7 +438,7 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
             lr *= cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps)))
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = denoising_loss(denoiser, x0, sigma, noise, y)
+        loss = denoising_loss(trainee, x0[share], sigma[share], noise[share], y[share])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for p in net_params:
@@ -408,7 +451,7 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, net_params, 1 - decay)
         step += 1
-        lv = float(loss.detach())
+        lv = _rank_mean(loss.detach())
         losses.append(lv)
         loss_acc, n_acc = loss_acc + lv, n_acc + 1
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -422,12 +465,13 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
 
     seconds = elapsed_before + time.time() - run_start
     finished = step >= cfg.steps
-    if finished and not cfg.keep_state:
+    if rank == 0 and finished and not cfg.keep_state:
         export_model(ema, out, meta(step, seconds), cfg.export_dtype)
         if state_path.exists():
             state_path.unlink()
-    else:
+    elif rank == 0:
         save_state(seconds)
+    barrier()
     log(f"{'finished' if finished else 'stopped'} at step {step}; {seconds / 60:.1f} min of training; "
         f"wrote {out / WEIGHTS_FILE}")
     return {
@@ -488,6 +532,10 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
 
 def main(argv: Optional[List[str]] = None) -> int:
     cfg = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ..cli.runtime import init_distributed
+
+        cfg.device = init_distributed(cfg.device)
     train(cfg)
     return 0
 
