@@ -687,6 +687,19 @@ def test_cli_samples_a_saved_stable_diffusion_pipeline(sd_pipe, unet, tmp_path):
                                       "--outdir", str(tmp_path / "moved")])
     assert moved.exit_code == 0, moved.output
     assert (tmp_path / "moved" / "000000" / "000001.png").read_bytes() == images[1].read_bytes()
+    # --height/--width resize a latent pipeline's images; the size is a setting of the run folder
+    base = ["sample", "--model", f"diffusers:{folder}", "--prompt", "a cat", "--solver", "dpmpp", "--nfe", "2"]
+    tall_dir = str(tmp_path / "tall")
+    resized = CliRunner().invoke(main, base + ["--seeds", "0", "--height", "32", "--width", "16", "--outdir", tall_dir])
+    assert resized.exit_code == 0, resized.output
+    assert Image.open(tmp_path / "tall" / "000000" / "000000.png").size == (16, 32)
+    assert json.loads((tmp_path / "tall" / "settings.json").read_text())["image_size"] == [32, 16]
+    square = CliRunner().invoke(main, base + ["--seeds", "1", "--outdir", tall_dir])
+    assert square.exit_code == 2 and "image_size" in square.output
+    odd = CliRunner().invoke(main, base + ["--height", "15", "--outdir", str(tmp_path / "odd")])
+    assert odd.exit_code == 2 and "not a positive multiple" in odd.output and "Traceback" not in odd.output
+    fixed = CliRunner().invoke(main, ["sample", "--height", "32", "--outdir", str(tmp_path / "fixed")])
+    assert fixed.exit_code == 2 and "fixed shape (1, 28, 28)" in fixed.output
     missing = CliRunner().invoke(main, ["sample", "--model", f"diffusers:{folder}", "--outdir", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "give --prompt" in missing.output
     pixel = tmp_path / "ddim"

@@ -27,7 +27,7 @@ DEFAULT_SOLVER, DEFAULT_NFE = "heun", 60
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for figures and numbers.json.")
 @device_options
-def analyze_command(model, trust_pickle, seeds, class_label, reference, show, strips, window, batch, out, device,
+def analyze_command(model, trust_pickle, height, width, seeds, class_label, reference, show, strips, window, batch, out, device,
                     dtype, **request):
     """Trajectory geometry: record sampling/denoising trajectories and write figures and numbers.json."""
     import time
@@ -41,8 +41,8 @@ def analyze_command(model, trust_pickle, seeds, class_label, reference, show, st
     request["solver"] = request["solver"] or DEFAULT_SOLVER
     with rt.user_errors():
         device = rt.check_device(device)
-        denoiser = rt.load_on_device(model, device, dtype, trust_pickle)
-        ref_model = rt.load_on_device(reference, device, dtype, trust_pickle) if reference else None
+        denoiser = rt.load_on_device(model, device, dtype, trust_pickle, height, width)
+        ref_model = rt.load_on_device(reference, device, dtype, trust_pickle, height, width) if reference else None
         if ref_model is not None and tuple(ref_model.shape) != tuple(denoiser.shape):
             raise ValueError(f"--reference {reference!r} has sample shape {ref_model.shape}, "
                              f"the model {tuple(denoiser.shape)}")

@@ -73,7 +73,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--keep-state", is_flag=True, default=False, help=f"Keep OUT/{STATE_FILE} after finishing.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch.set_num_threads.")
 @click.option("--device", default="cpu")
-def distill_command(model, trust_pickle, nfe, out, iters, batch, lr, lr_drop_at, extra, teacher, teacher_option,
+def distill_command(model, trust_pickle, height, width, nfe, out, iters, batch, lr, lr_drop_at, extra, teacher, teacher_option,
                     schedule, schedule_option, afs, class_label, first_seed, val_images, val_every, save_every,
                     minutes, step_module, weights_dtype, keep_state, threads, device):
     """Distil the model itself for a few NFE (SFD; SFD-v for an NFE range): a fine-tuned copy of its
@@ -93,7 +93,7 @@ def distill_command(model, trust_pickle, nfe, out, iters, batch, lr, lr_drop_at,
     with rt.user_errors():
         nfes = train.parse_nfes(nfe)
         device = rt.init_distributed(device)
-        denoiser = rt.load_on_device(model, device, trust_pickle=trust_pickle)
+        denoiser = rt.load_on_device(model, device, trust_pickle=trust_pickle, height=height, width=width)
         if denoiser.conditioning == "text":
             raise ValueError("distill from the CLI takes pixel-space models; distil text-to-image models from Python "
                              "with diffsampler.distill(model, ..., cond=...)")

@@ -82,7 +82,7 @@ def _warn_if_small(result) -> None:
 @outdir_option("Folder for the image blocks and fid.json.")
 @click.option("--sample-batch", type=click.IntRange(min=1), default=64, show_default=True)
 @extractor_options
-def fid_run(model, trust_pickle, class_label, prompt, negative_prompt, guidance, num, blocks, ref, outdir,
+def fid_run(model, trust_pickle, height, width, class_label, prompt, negative_prompt, guidance, num, blocks, ref, outdir,
             sample_batch, inception_weights, batch, device, **request):
     """Sample and score (the EDM protocol): N images per seed block, FID of each block, min and mean."""
     from . import runtime as rt
@@ -95,7 +95,7 @@ def fid_run(model, trust_pickle, class_label, prompt, negative_prompt, guidance,
         reference = pipeline.load_reference(ref)
     for k in range(blocks):
         block_dir = Path(outdir) / f"block{k}"
-        plan, _ = sample_images(model, trust_pickle, f"{k * num}-{(k + 1) * num - 1}", sample_batch, block_dir, False,
+        plan, _ = sample_images(model, trust_pickle, height, width, f"{k * num}-{(k + 1) * num - 1}", sample_batch, block_dir, False,
                                 False, None, device, "float32", class_label, prompt, negative_prompt, guidance, **request)
         with rt.user_errors():
             scores.append(pipeline.score(block_dir, reference, ["fid"], batch=batch, device=device,

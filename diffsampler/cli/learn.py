@@ -31,12 +31,13 @@ training_options = stack(
 )
 
 
-def _train(method, model, trust_pickle, device, guidance, out, extra, schedule_option, **options):
+def _train(method, model, trust_pickle, device, guidance, out, extra, schedule_option, height=None, width=None,
+           **options):
     from . import runtime as rt
     from ..learned import learn
     with rt.user_errors():
         device = rt.init_distributed(device)
-        denoiser = rt.load_on_device(model, device, trust_pickle=trust_pickle)
+        denoiser = rt.load_on_device(model, device, trust_pickle=trust_pickle, height=height, width=width)
         if denoiser.conditioning == "text":
             raise ValueError(f"learn from the CLI takes pixel-space models; train text-to-image models from Python "
                              f"with diffsampler.learn({method!r}, ..., cond=...)")

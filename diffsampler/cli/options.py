@@ -71,6 +71,10 @@ model_options = stack(
     click.option("--trust-pickle", is_flag=True, default=False,
                  help="Allow pickled models (edm:PATH.pkl): unpickling runs code from the file, so only for files "
                       "you trust."),
+    click.option("--height", type=click.IntRange(min=1), default=None,
+                 help="Image height of a latent pipeline (Stable Diffusion, SDXL, SD3, Flux; default its own)."),
+    click.option("--width", type=click.IntRange(min=1), default=None,
+                 help="Image width of a latent pipeline (default its own)."),
 )
 
 device_options = stack(

@@ -69,10 +69,18 @@ def init_distributed(device: str) -> str:
     return device
 
 
-def load_on_device(spec: str, device: str, dtype: str = "float32", trust_pickle: bool = False) -> Denoiser:
+def load_on_device(spec: str, device: str, dtype: str = "float32", trust_pickle: bool = False,
+                   height: Optional[int] = None, width: Optional[int] = None) -> Denoiser:
     """The model a spec names, on ``device``, before anything is built from it (prompt embeddings
-    are computed where the pipeline runs; guidance wraps the moved model)."""
+    are computed where the pipeline runs; guidance wraps the moved model); ``height`` / ``width``
+    resize a latent pipeline's images (--height / --width)."""
     denoiser = specs.load_model(spec, dtype=DTYPES[dtype], trust_pickle=trust_pickle)
+    if height is not None or width is not None:
+        if not hasattr(denoiser, "at_size"):
+            raise ValueError(f"--height/--width set the image size of latent pipelines (Stable Diffusion, SDXL, SD3, "
+                             f"Flux); model {spec!r} makes samples of one fixed shape "
+                             f"{tuple(denoiser.shape) if denoiser.shape is not None else '(unknown)'}")
+        denoiser = denoiser.at_size(height or denoiser.height, width or denoiser.width)
     if not isinstance(denoiser, Denoiser) or denoiser.shape is None:
         raise ValueError(f"model {spec!r} does not declare its sample shape")
     return denoiser.to(device) if device != "cpu" else denoiser
@@ -173,15 +181,26 @@ def plan_from_options(model: Denoiser, *, solver=None, nfe=None, steps=None, sch
     return plan
 
 
+def latent_image_size(denoiser) -> Optional[List[int]]:
+    """[height, width] of the images of a latent pipeline (through guidance and other wrappers);
+    None for models whose samples are the images."""
+    while denoiser is not None:
+        if hasattr(denoiser, "at_size"):
+            return [int(denoiser.height), int(denoiser.width)]
+        denoiser = getattr(denoiser, "inner", None)
+    return None
+
+
 def run_settings(spec: str, denoiser: Denoiser, plan: Plan, cond: Conditioning, dtype: str, device: str,
                  seeds_text: str) -> Dict[str, Any]:
     """A run folder's settings.json: the plan's record, the model's identity and the conditioning
     (together: what determines the images), then the seeds and the version."""
-    return {"model": spec, "weights_hash": weights_hash(denoiser), "model_fingerprint": model_fingerprint(denoiser),
+    size = {"image_size": latent_image_size(denoiser)} if latent_image_size(denoiser) else {}
+    return {"model": spec, **size, "weights_hash": weights_hash(denoiser), "model_fingerprint": model_fingerprint(denoiser),
             **plan.record, "conditioning": cond.record, "dtype": dtype, "device_type": torch.device(device).type,
             "seeds": seeds_text, "diffsampler_version": __version__}
 
 
 # The settings that determine a run's images: a rerun may reuse images only if these are equal.
-IMAGE_SETTINGS = ("model", "weights_hash", "solver", "sigmas", "afs", "denoise_to_zero", "learned", "conditioning",
+IMAGE_SETTINGS = ("model", "image_size", "weights_hash", "solver", "sigmas", "afs", "denoise_to_zero", "learned", "conditioning",
                   "dtype", "device_type")

@@ -24,7 +24,7 @@ from .options import (batch_option, conditioning_options, device_options, learne
 @click.option("--npz", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write all images as one .npz (samples: N x H x W x C uint8, seeds, labels).")
 @device_options
-def sample_command(model, trust_pickle, seeds, batch, outdir, overwrite, write_grid, npz, device, dtype,
+def sample_command(model, trust_pickle, height, width, seeds, batch, outdir, overwrite, write_grid, npz, device, dtype,
                    class_label, prompt, negative_prompt, guidance, **request):
     """Sample images, one PNG per seed (in subfolders of 1000), plus a grid.
 
@@ -32,7 +32,7 @@ def sample_command(model, trust_pickle, seeds, batch, outdir, overwrite, write_g
     added); a folder holding images made with other settings is refused. Scale out with
     `torchrun --nproc_per_node N -m diffsampler sample ...` (seeds are split across processes).
     """
-    plan, summary = sample_images(model, trust_pickle, seeds, batch, outdir, overwrite, write_grid, npz, device, dtype,
+    plan, summary = sample_images(model, trust_pickle, height, width, seeds, batch, outdir, overwrite, write_grid, npz, device, dtype,
                                   class_label, prompt, negative_prompt, guidance, **request)
     from ..distributed import rank_and_world
     if rank_and_world()[0] == 0:
@@ -45,7 +45,7 @@ def sample_command(model, trust_pickle, seeds, batch, outdir, overwrite, write_g
                    f"{summary['seconds']:.1f} s ({rate:.1f} images/s){written}")
 
 
-def sample_images(model, trust_pickle, seeds, batch, outdir, overwrite, write_grid, npz, device, dtype, class_label,
+def sample_images(model, trust_pickle, height, width, seeds, batch, outdir, overwrite, write_grid, npz, device, dtype, class_label,
                   prompt, negative_prompt, guidance, **request):
     """What ``sample`` does (also ``fid run``): (plan, summary of the run)."""
     seed_list = parse_seed_list(seeds)
@@ -53,7 +53,7 @@ def sample_images(model, trust_pickle, seeds, batch, outdir, overwrite, write_gr
     from ..generate import SampleJob, StaleRunError, run
     with rt.user_errors():
         device = rt.init_distributed(device)
-        denoiser = rt.load_on_device(model, device, dtype, trust_pickle)
+        denoiser = rt.load_on_device(model, device, dtype, trust_pickle, height, width)
         denoiser, cond = rt.conditioning(denoiser, class_label, prompt, negative_prompt, guidance)
         plan = rt.plan_from_options(denoiser, default_nfe=DEFAULT_NFE, device=device, **request)
         if denoiser.conditioning != "text" and denoiser.shape[0] not in (1, 3):

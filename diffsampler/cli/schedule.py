@@ -60,7 +60,7 @@ def _parse_sweep(nfe_text, coeff_text, out):
 @click.option("--out", required=True,
               help="Schedule file to write (JSON); with several NFEs or coefficients a name with {nfe} and/or "
                    "{coeff}, e.g. ipndm_{nfe}_{coeff}.json.")
-def schedule_gits(model, trust_pickle, solver, nfe, afs, coeff, metric, teacher, teacher_steps, base_schedule, warmup,
+def schedule_gits(model, trust_pickle, height, width, solver, nfe, afs, coeff, metric, teacher, teacher_steps, base_schedule, warmup,
                   batch, max_order, solver_option, first_seed, class_label, prompt, negative_prompt, guidance, device,
                   out):
     """Fit a GITS schedule to a model (dynamic programming over its own teacher trajectories).
@@ -81,7 +81,7 @@ def schedule_gits(model, trust_pickle, solver, nfe, afs, coeff, metric, teacher,
         for n in nfes:                                  # refuse an NFE the solver cannot use before the warm-up
             gits.student_steps(n, solver, afs, teacher_steps + 1, options)
         device = rt.init_distributed(device)
-        denoiser = rt.load_on_device(model, device, trust_pickle=trust_pickle)
+        denoiser = rt.load_on_device(model, device, trust_pickle=trust_pickle, height=height, width=width)
         denoiser, cond = rt.conditioning(denoiser, class_label, prompt, negative_prompt, guidance)
         rank = rank_and_world()[0]
         warm = gits.warm_up(denoiser, denoiser.shape, teacher=teacher, teacher_steps=teacher_steps,
