@@ -269,7 +269,8 @@ def markdown(report: dict) -> str:
         "# SFD-v on the bundled Fashion-MNIST model", "",
         f"`python -m evaluation.sfd_benchmark` on {report['machine']['cpu']} ({report['machine']['threads']} threads, "
         f"load average {', '.join(f'{v:.1f}' for v in report['machine']['load_average'])} at the start), "
-        f"{report['machine']['date']}; {report['seconds'] / 60:.0f} min.", "",
+        f"{report['machine']['date']}; this invocation {report['seconds'] / 60:.0f} min (work read from "
+        f"`evaluation/.cache/`, such as a sweep cached by `--sweep-only`, is not counted).", "",
         f"Student `{s['student']}`: {d['method']} for NFE {', '.join(map(str, d['nfes']))}, distilled in "
         f"**{d['train_seconds'] / 60:.1f} min** ({d['iters']} iterations of batch {d['batch']}, "
         f"{d.get('processes', 1)} process x {d.get('threads', '?')} threads, {d.get('machine', '?')}).", "",
