@@ -32,7 +32,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -72,9 +72,10 @@ def configurations():
                 yield label, name, options, schedule, schedule_options, afs
 
 
-def cache_path(spec: str, cache_dir: Path = CACHE_DIR) -> Path:
-    """Where one model's raw results (sweep and learned runs) are cached."""
-    return cache_dir / f"{slug(spec)}_seeds{SEEDS.get(spec, 128)}.json"
+def cache_path(spec: str, cache_dir: Path = CACHE_DIR, seeds: Optional[int] = None) -> Path:
+    """Where one model's raw results (sweep and learned runs) on ``seeds`` test seeds (default the
+    benchmark's, ``SEEDS``) are cached."""
+    return cache_dir / f"{slug(spec)}_seeds{SEEDS.get(spec, 128) if seeds is None else seeds}.json"
 
 
 class Bench:
@@ -96,7 +97,7 @@ class Bench:
             self.reference, _ = exact_endpoints(self.model, spec, 0, seeds)
             self.reference_kind = REFERENCE_KIND["exact"]
         log(f"[{spec}] reference for {seeds} seeds: {time.perf_counter() - t0:.0f} s")
-        self.path = cache_dir / f"{slug(spec)}_seeds{seeds}.json"
+        self.path = cache_path(spec, cache_dir, seeds)
         self.results = json.loads(self.path.read_text()) if self.path.is_file() else {"sweep": {}, "learned": {}}
         weights = weights_hash(self.model)
         if self.results.setdefault("weights", weights) != weights:
