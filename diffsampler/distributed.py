@@ -4,6 +4,8 @@ Outside a process group (a plain ``python`` run) it is rank 0 of 1 and the barri
 """
 from __future__ import annotations
 
+import atexit
+import os
 from typing import Tuple
 
 import torch
@@ -18,3 +20,20 @@ def rank_and_world() -> Tuple[int, int]:
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         torch.distributed.barrier()
+
+
+def join_process_group(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (nccl for a CUDA device, else gloo)
+    and return this rank's device (``cuda:LOCAL_RANK``); otherwise return ``device`` unchanged.
+
+    The group is destroyed at exit: a rank that leaves with a live gloo group can abort in its
+    own teardown ("terminate called without an active exception") while the others still work."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return device
+    cuda = device.startswith("cuda")
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    atexit.register(torch.distributed.destroy_process_group)
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return device

@@ -3,8 +3,6 @@ conditioning, plans, run records and errors.  (Imported inside command bodies: i
 """
 from __future__ import annotations
 
-import atexit
-import os
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -12,6 +10,7 @@ import click
 import torch
 
 from .. import __version__
+from ..distributed import join_process_group
 from ..generate import one_hot_labels, seed_labels
 from ..models import specs
 from ..models.base import Denoiser
@@ -53,20 +52,8 @@ def check_device(device: str) -> str:
 
 
 def init_distributed(device: str) -> str:
-    """Under torchrun (WORLD_SIZE > 1) join the process group; return this rank's device.
-
-    The group is destroyed at exit: a rank that leaves with a live gloo group can abort in its
-    own teardown ("terminate called without an active exception") while the others still work."""
-    device = check_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return device
-    cuda = device.startswith("cuda")
-    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
-    atexit.register(torch.distributed.destroy_process_group)
-    if cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    return device
+    """Check ``device``, then under torchrun join the process group; return this rank's device."""
+    return join_process_group(check_device(device))
 
 
 def load_on_device(spec: str, device: str, dtype: str = "float32", trust_pickle: bool = False,

@@ -48,7 +48,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -59,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import DATASETS, FASHION_MNIST_CLASSES, load_dataset
-from ..distributed import barrier, rank_and_world
+from ..distributed import barrier, join_process_group, rank_and_world
 from ..fileio import save_torch_atomic, write_atomic
 from ..machine import describe
 from ..models.edm import EDMDenoiser, VPPrecond, loss_weight
@@ -217,10 +216,11 @@ def _rank_mean(value: torch.Tensor) -> float:
     return float(value)
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every process when it is True on any (they stop at the same step)."""
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every process when it is True on any (they stop at the same step); ``device`` is
+    where the collective runs (nccl reduces only CUDA tensors)."""
     if rank_and_world()[1] > 1:
-        value = torch.tensor([float(flag)])
+        value = torch.tensor([float(flag)], device=device)
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
         return bool(value.item())
     return flag
@@ -418,7 +418,7 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
     ema_params = list(ema.parameters())
     net_params = list(net.parameters())
     while step < cfg.steps:
-        if _any_rank(time.time() - run_start >= budget_s):
+        if _any_rank(time.time() - run_start >= budget_s, device):
             stopped_by_budget = True
             log(f"wall-clock budget of {cfg.minutes} min reached at step {step}")
             break
@@ -532,10 +532,7 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
 
 def main(argv: Optional[List[str]] = None) -> int:
     cfg = parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from ..cli.runtime import init_distributed
-
-        cfg.device = init_distributed(cfg.device)
+    cfg.device = join_process_group(cfg.device)
     train(cfg)
     return 0
 
