@@ -63,11 +63,12 @@ def load_on_device(spec: str, device: str, dtype: str = "float32", trust_pickle:
     resize a latent pipeline's images (--height / --width)."""
     denoiser = specs.load_model(spec, dtype=DTYPES[dtype], trust_pickle=trust_pickle)
     if height is not None or width is not None:
-        if not hasattr(denoiser, "at_size"):
+        size = denoiser.image_size()
+        if size is None:
             raise ValueError(f"--height/--width set the image size of latent pipelines (Stable Diffusion, SDXL, SD3, "
                              f"Flux); model {spec!r} makes samples of one fixed shape "
                              f"{tuple(denoiser.shape) if denoiser.shape is not None else '(unknown)'}")
-        denoiser = denoiser.at_size(height or denoiser.height, width or denoiser.width)
+        denoiser = denoiser.resized(height or size[0], width or size[1])
     if not isinstance(denoiser, Denoiser) or denoiser.shape is None:
         raise ValueError(f"model {spec!r} does not declare its sample shape")
     return denoiser.to(device) if device != "cpu" else denoiser
@@ -168,21 +169,11 @@ def plan_from_options(model: Denoiser, *, solver=None, nfe=None, steps=None, sch
     return plan
 
 
-def latent_image_size(denoiser) -> Optional[List[int]]:
-    """[height, width] of the images of a latent pipeline (through guidance and other wrappers);
-    None for models whose samples are the images."""
-    while denoiser is not None:
-        if hasattr(denoiser, "at_size"):
-            return [int(denoiser.height), int(denoiser.width)]
-        denoiser = getattr(denoiser, "inner", None)
-    return None
-
-
 def run_settings(spec: str, denoiser: Denoiser, plan: Plan, cond: Conditioning, dtype: str, device: str,
                  seeds_text: str) -> Dict[str, Any]:
     """A run folder's settings.json: the plan's record, the model's identity and the conditioning
     (together: what determines the images), then the seeds and the version."""
-    size = {"image_size": latent_image_size(denoiser)} if latent_image_size(denoiser) else {}
+    size = {"image_size": list(denoiser.image_size())} if denoiser.image_size() is not None else {}
     return {"model": spec, **size, "weights_hash": weights_hash(denoiser), "model_fingerprint": model_fingerprint(denoiser),
             **plan.record, "conditioning": cond.record, "dtype": dtype, "device_type": torch.device(device).type,
             "seeds": seeds_text, "diffsampler_version": __version__}

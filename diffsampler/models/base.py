@@ -63,6 +63,17 @@ class Denoiser:
         timesteps: ``sigma_fn``, ``sigma_inv``), or None for a continuous-time model."""
         return None
 
+    def image_size(self) -> Optional[Tuple[int, int]]:
+        """``(height, width)`` of the images of a latent model, whose sample shape follows from
+        it (:meth:`resized` changes it); None for a model whose samples are its images."""
+        return None
+
+    def resized(self, height: int, width: int) -> "Denoiser":
+        """The same model making images of ``height`` x ``width`` (latent pipelines); a model
+        with one fixed sample shape refuses."""
+        raise ValueError(f"this model makes samples of one fixed shape {self.shape}; only latent pipelines "
+                         "(Stable Diffusion, SDXL, SD3, Flux) make images of another size")
+
     def native_plans(self) -> Dict[int, dict]:
         """For a model distilled for one sampler (SFD students): NFE -> ``dict(solver=...,
         solver_options={...}, sigmas=[...], afs=..., denoise_to_zero=..., model_inputs={...})``,
@@ -109,6 +120,9 @@ class DenoiserWrapper(Denoiser):
 
     def native_plans(self) -> Dict[int, dict]:
         return self.inner.native_plans() if isinstance(self.inner, Denoiser) else {}
+
+    def image_size(self) -> Optional[Tuple[int, int]]:
+        return self.inner.image_size() if isinstance(self.inner, Denoiser) else None
 
     def encode_prompt(self, *args, **kwargs):
         return self.inner.encode_prompt(*args, **kwargs)

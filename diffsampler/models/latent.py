@@ -123,6 +123,12 @@ class LatentDiffusion(Denoiser):
                              f"takes {channels}")
         return cls(pipe, inner, height or size[0] * f, width or size[1] * f)
 
+    def image_size(self) -> Tuple[int, int]:
+        return (self.height, self.width)
+
+    def resized(self, height: int, width: int) -> "LatentDiffusion":
+        return self.at_size(height, width)
+
     def at_size(self, height: int, width: int) -> "LatentDiffusion":
         """The same model for another image size (shares all modules)."""
         return type(self)(self.pipe, self.inner, height, width)
