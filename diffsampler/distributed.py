@@ -22,6 +22,20 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum of ``value`` over the processes (a new tensor; ``value`` itself outside a group)."""
+    if rank_and_world()[1] > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+    return value
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """The float64 mean of ``value`` over the processes, on its own device (nccl reduces only
+    CUDA tensors)."""
+    return all_reduce_sum(value.detach().to(torch.float64)) / rank_and_world()[1]
+
+
 def join_process_group(device: str) -> str:
     """Under torchrun (WORLD_SIZE > 1) join the process group (nccl for a CUDA device, else gloo)
     and return this rank's device (``cuda:LOCAL_RANK``); otherwise return ``device`` unchanged.

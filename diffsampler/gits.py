@@ -42,7 +42,7 @@ import torch
 
 from . import __version__
 from . import schedules as schedules_module
-from .distributed import rank_and_world
+from .distributed import all_reduce_sum, rank_and_world
 from .models.base import sigma_range
 from .models.identity import model_fingerprint
 from .sampling import sample
@@ -282,12 +282,6 @@ def _split_for_rank(seeds: List[int]) -> List[int]:
     return seeds[rank::world]
 
 
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if rank_and_world()[1] > 1:
-        torch.distributed.all_reduce(tensor)
-    return tensor
-
-
 @dataclass
 class WarmUp:
     """The solver-independent part of a GITS search: the teacher grid and the mean cost matrix.
@@ -384,7 +378,7 @@ def warm_ups(denoiser, shape: Sequence[int], *, metrics: Sequence[str] = ("dev",
             kept.append((noise, batch_cond, traj.states[-1]))
     if ticks is not None:
         ticks.close()
-    count = _all_reduce(torch.tensor([float(len(seeds))], dtype=torch.float64))
+    count = all_reduce_sum(torch.tensor([float(len(seeds))], dtype=torch.float64))
     settings = {"model": model_name, "model_fingerprint": model_fingerprint(denoiser), "shape": list(shape), "sigma_min": float(grid[-1]), "sigma_max": float(grid[0]),
                 "teacher": teacher, "teacher_steps": len(grid) - 1,
                 "base_schedule": base_schedule if isinstance(base_schedule, str) else "custom",
@@ -392,7 +386,7 @@ def warm_ups(denoiser, shape: Sequence[int], *, metrics: Sequence[str] = ("dev",
                 "processes": rank_and_world()[1]}
     out = {}
     for metric in metrics:
-        cost = _all_reduce(cost_sums[metric]) / count
+        cost = all_reduce_sum(cost_sums[metric]) / count
         cost.masked_fill_(torch.ones_like(cost, dtype=torch.bool).tril(), float("inf"))
         extra = {"priced_student": priced.label, "priced_options": dict(student_options or {})} \
             if metric == "solver" else {}
@@ -428,8 +422,8 @@ def _choose_afs_point(denoiser, student, grid, path, kept) -> List[int]:
             out = sample(denoiser, noise, solver=student, sigmas=grid[candidate], afs=True, cond=cond).samples
             total += float((out.to(torch.float64) - target).flatten(1).norm(dim=1).sum())
             count += noise.shape[0]
-        distance = float(_all_reduce(torch.tensor([total], dtype=torch.float64))) / \
-            float(_all_reduce(torch.tensor([float(count)], dtype=torch.float64)))
+        distance = float(all_reduce_sum(torch.tensor([total], dtype=torch.float64))) / \
+            float(all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64)))
         if distance < best:
             best, best_path = distance, candidate
     if best_path is None:

@@ -63,12 +63,10 @@ def load_on_device(spec: str, device: str, dtype: str = "float32", trust_pickle:
     resize a latent pipeline's images (--height / --width)."""
     denoiser = specs.load_model(spec, dtype=DTYPES[dtype], trust_pickle=trust_pickle)
     if height is not None or width is not None:
-        size = denoiser.image_size()
-        if size is None:
-            raise ValueError(f"--height/--width set the image size of latent pipelines (Stable Diffusion, SDXL, SD3, "
-                             f"Flux); model {spec!r} makes samples of one fixed shape "
-                             f"{tuple(denoiser.shape) if denoiser.shape is not None else '(unknown)'}")
-        denoiser = denoiser.resized(height or size[0], width or size[1])
+        try:
+            denoiser = denoiser.resized(height, width)
+        except ValueError as err:
+            raise ValueError(f"--height/--width on model {spec!r}: {err}") from None
     if not isinstance(denoiser, Denoiser) or denoiser.shape is None:
         raise ValueError(f"model {spec!r} does not declare its sample shape")
     return denoiser.to(device) if device != "cpu" else denoiser
@@ -173,7 +171,8 @@ def run_settings(spec: str, denoiser: Denoiser, plan: Plan, cond: Conditioning, 
                  seeds_text: str) -> Dict[str, Any]:
     """A run folder's settings.json: the plan's record, the model's identity and the conditioning
     (together: what determines the images), then the seeds and the version."""
-    size = {"image_size": list(denoiser.image_size())} if denoiser.image_size() is not None else {}
+    size = denoiser.image_size()
+    size = {"image_size": list(size)} if size is not None else {}
     return {"model": spec, **size, "weights_hash": weights_hash(denoiser), "model_fingerprint": model_fingerprint(denoiser),
             **plan.record, "conditioning": cond.record, "dtype": dtype, "device_type": torch.device(device).type,
             "seeds": seeds_text, "diffsampler_version": __version__}

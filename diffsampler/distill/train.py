@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..distributed import barrier, rank_and_world
+from ..distributed import all_reduce_sum, barrier, rank_and_world
 from ..fileio import save_torch_atomic
 from ..generate import one_hot_labels, seed_labels
 from ..learned.distill import TRAIN_SEEDS, VAL_SEEDS, refine, rmse
@@ -208,7 +208,7 @@ def distill(denoiser: Denoiser, shape: Optional[Sequence[int]] = None, *, nfe: U
                 for noise, batch_cond, target in val_sets[k]:
                     out = run_plan(student_plans[k], student, noise, cond=batch_cond).samples
                     total += rmse(out.to(torch.float64), target.to(torch.float64)).cpu()
-                per_nfe[k] = float(_all_reduce_sum(total)) / max(1, val_images)
+                per_nfe[k] = float(all_reduce_sum(total)) / max(1, val_images)
         return sum(per_nfe.values()) / len(per_nfe), per_nfe
 
     runner = _Runner(student)
@@ -321,14 +321,7 @@ def _train_iteration(plan, runner, optimizer, params, noise, batch_cond, targets
         x = noise.to(evaluate.work_dtype) * plan.sigmas[0]
         integrate(plan, evaluate, x, callback=on_step, truncate=True)
     count = torch.tensor(float(noise.shape[0] * max(1, trained)), dtype=torch.float64)
-    return float(_all_reduce_sum(total) / _all_reduce_sum(count))
-
-
-def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if rank_and_world()[1] > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-    return value
+    return float(all_reduce_sum(total) / all_reduce_sum(count))
 
 
 def _load_state(path, settings) -> Optional[dict]:

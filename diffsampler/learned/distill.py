@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..distributed import rank_and_world
+from ..distributed import all_reduce_mean, all_reduce_sum, rank_and_world
 from ..models.base import Denoiser, work_dtype
 from ..plan import make_plan
 from ..loop import evaluator_for, integrate, run_plan
@@ -188,7 +188,7 @@ def distill(sampler: LearnedSampler, denoiser, shape: Optional[Sequence[int]] = 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
-            value = float(_all_reduce_mean(mean))
+            value = float(all_reduce_mean(mean))
             losses.append(value)
             if progress and rank == 0:
                 iterator.update(1)
@@ -233,7 +233,7 @@ def _compare(errors: torch.Tensor, neutral: torch.Tensor):
     """(mean error over all ranks' seeds, whether its paired gain over the neutral parameters is
     significant: mean difference < -2 standard errors)."""
     diff = errors - neutral
-    stats = _all_reduce_sum(torch.stack([errors.sum(), diff.sum(), diff.pow(2).sum(),
+    stats = all_reduce_sum(torch.stack([errors.sum(), diff.sum(), diff.pow(2).sum(),
                                          torch.tensor(float(len(errors)), dtype=torch.float64)]))
     total, d_sum, d_sq, n = (float(v) for v in stats)
     if n == 0:
@@ -243,14 +243,3 @@ def _compare(errors: torch.Tensor, neutral: torch.Tensor):
     return total / n, mean_diff < -2 * se
 
 
-def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if rank_and_world()[1] > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-    return value
-
-
-def _all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    value = value.detach().to(torch.float64).cpu()
-    world = rank_and_world()[1]
-    return _all_reduce_sum(value) / world

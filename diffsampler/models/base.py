@@ -68,10 +68,11 @@ class Denoiser:
         it (:meth:`resized` changes it); None for a model whose samples are its images."""
         return None
 
-    def resized(self, height: int, width: int) -> "Denoiser":
-        """The same model making images of ``height`` x ``width`` (latent pipelines); a model
-        with one fixed sample shape refuses."""
-        raise ValueError(f"this model makes samples of one fixed shape {self.shape}; only latent pipelines "
+    def resized(self, height: Optional[int] = None, width: Optional[int] = None) -> "Denoiser":
+        """The same model making images of ``height`` x ``width`` (None: its own; latent
+        pipelines); a model with one fixed sample shape refuses."""
+        shape = tuple(self.shape) if self.shape is not None else "(unknown)"
+        raise ValueError(f"this model makes samples of one fixed shape {shape}; only latent pipelines "
                          "(Stable Diffusion, SDXL, SD3, Flux) make images of another size")
 
     def native_plans(self) -> Dict[int, dict]:

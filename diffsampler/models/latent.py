@@ -126,8 +126,8 @@ class LatentDiffusion(Denoiser):
     def image_size(self) -> Tuple[int, int]:
         return (self.height, self.width)
 
-    def resized(self, height: int, width: int) -> "LatentDiffusion":
-        return self.at_size(height, width)
+    def resized(self, height: Optional[int] = None, width: Optional[int] = None) -> "LatentDiffusion":
+        return self.at_size(height or self.height, width or self.width)
 
     def at_size(self, height: int, width: int) -> "LatentDiffusion":
         """The same model for another image size (shares all modules)."""

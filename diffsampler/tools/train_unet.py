@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import DATASETS, FASHION_MNIST_CLASSES, load_dataset
-from ..distributed import barrier, join_process_group, rank_and_world
+from ..distributed import all_reduce_mean, barrier, join_process_group, rank_and_world
 from ..fileio import save_torch_atomic, write_atomic
 from ..machine import describe
 from ..models.edm import EDMDenoiser, VPPrecond, loss_weight
@@ -204,16 +204,6 @@ def build_denoiser(cfg: TrainConfig, shape: Tuple[int, ...], num_classes: int,
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _rank_mean(value: torch.Tensor) -> float:
-    """The mean of a scalar over the processes (the whole batch's loss when each holds a share)."""
-    world = rank_and_world()[1]
-    if world > 1:
-        value = value.to(torch.float64).clone()
-        torch.distributed.all_reduce(value)
-        value /= world
-    return float(value)
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -418,7 +408,7 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
     ema_params = list(ema.parameters())
     net_params = list(net.parameters())
     while step < cfg.steps:
-        if _any_rank(time.time() - run_start >= budget_s, device):
+        if budget_s < math.inf and _any_rank(time.time() - run_start >= budget_s, device):   # same budget on every rank
             stopped_by_budget = True
             log(f"wall-clock budget of {cfg.minutes} min reached at step {step}")
             break
@@ -451,7 +441,7 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, net_params, 1 - decay)
         step += 1
-        lv = _rank_mean(loss.detach())
+        lv = float(all_reduce_mean(loss))          # the whole batch's loss when each rank holds a share
         losses.append(lv)
         loss_acc, n_acc = loss_acc + lv, n_acc + 1
         if step % cfg.log_every == 0 or step == cfg.steps:
