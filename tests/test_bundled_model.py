@@ -347,6 +347,45 @@ def test_an_unfinished_run_is_continued_only_with_its_own_settings(tmp_path):
         train(_tiny_cfg(tmp_path, out=str(tmp_path / "cos"), steps=6, lr_schedule="cosine"), quiet=True)
 
 
+def test_fine_tuning_starts_from_the_given_model_and_is_tied_to_its_weights(tmp_path):
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    train(_tiny_cfg(tmp_path, out=str(tmp_path / "start"), steps=4), quiet=True)
+    start_weights = load_file(tmp_path / "start" / "model.safetensors")
+    # lr 0: nothing moves, so the fine-tuned export is the starting model bit for bit
+    still = train(_tiny_cfg(tmp_path, out=str(tmp_path / "still"), steps=2, lr=0.0,
+                            init_from=str(tmp_path / "start")), quiet=True)
+    assert still["steps"] == 2
+    for k, v in load_file(tmp_path / "still" / "model.safetensors").items():
+        assert torch.equal(v, start_weights[k]), k
+    # the EMA starts at the starting weights with the full decay: decay 1 keeps them while the net
+    # moves (a run from scratch ramps its decay up from 0.1, so there the EMA follows the net)
+    moved = train(_tiny_cfg(tmp_path, out=str(tmp_path / "moved"), steps=2, ema_decay=1.0,
+                            init_from=str(tmp_path / "start")), quiet=True)
+    assert any(not torch.equal(v, start_weights[k]) for k, v in moved["net"].state_dict().items())
+    for k, v in moved["ema"].state_dict().items():
+        assert torch.equal(v, start_weights[k]), k
+    meta = json.loads((tmp_path / "moved" / "config.json").read_text())
+    sha = hashlib.sha256((tmp_path / "start" / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["init"]["weights_sha256"] == sha and meta["init"]["steps"] == 4
+    assert meta["images_seen"] == 4 * 32 + 2 * 32
+    # the same command is a finished run; after the starting model changes, it is another run
+    assert train(_tiny_cfg(tmp_path, out=str(tmp_path / "moved"), steps=2, ema_decay=1.0,
+                           init_from=str(tmp_path / "start")), quiet=True)["already_done"]
+    train(_tiny_cfg(tmp_path, out=str(tmp_path / "start"), steps=4, lr=1e-3, resume=False), quiet=True)
+    with pytest.raises(ValueError, match=r"init_weights_sha256 '%s' there" % sha):
+        train(_tiny_cfg(tmp_path, out=str(tmp_path / "moved"), steps=2, ema_decay=1.0,
+                        init_from=str(tmp_path / "start")), quiet=True)
+    # another architecture, or a folder without a model, is refused with what differs
+    with pytest.raises(ValueError, match=r"another kind of model \(base_channels 8 there, 12 here"):
+        train(_tiny_cfg(tmp_path, out=str(tmp_path / "wide"), steps=2, base_channels=12,
+                        init_from=str(tmp_path / "start")), quiet=True)
+    with pytest.raises(ValueError, match="not a model folder written by `train model`"):
+        train(_tiny_cfg(tmp_path, out=str(tmp_path / "none"), steps=2, init_from=str(tmp_path)), quiet=True)
+
+
 def test_train_command_reports_a_settings_clash_in_one_line(tmp_path):
     from click.testing import CliRunner
     from diffsampler.cli import main

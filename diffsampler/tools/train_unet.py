@@ -40,6 +40,13 @@ device and threads, its wall-clock budget and its reporting and export options m
 The EMA decay ramps up as ``min(ema_decay, (1 + step) / (10 + step))``, which reaches 0.999 at
 step 8,990 and 0.9995 at step 17,990; a shorter run never uses the ``--ema-decay`` it asks for
 (the run says so when it starts).
+
+Fine-tuning (``--init-from FOLDER``): the run starts from the exported weights of a model folder
+this trainer wrote (same architecture and preconditioning), with a fresh optimizer, its own
+learning-rate schedule over its own ``--steps``, and the EMA starting at those weights with the
+full ``--ema-decay`` from the first step (the warm-up exists to forget a random initialisation;
+here the starting point is a trained model).  The starting weights' SHA-256 is part of the run's
+settings, so a folder is not continued from other starting weights.
 """
 from __future__ import annotations
 
@@ -50,7 +57,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -104,6 +111,8 @@ class TrainConfig:
     channels_last: bool = True
     export_dtype: str = "float16"
     limit: Optional[int] = None      # use only the first `limit` training examples
+    init_from: Optional[str] = None  # fine-tune: start from this model folder's weights
+    init_weights_sha256: Optional[str] = None   # filled in from init_from's weights file
     # architecture
     base_channels: int = 16
     channel_mult: Tuple[int, ...] = (1, 2, 4)
@@ -272,6 +281,48 @@ def finished_run(cfg: TrainConfig) -> Optional[Dict]:
     return meta
 
 
+def with_init_identity(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the SHA-256 of its ``init_from`` weights filled in (unchanged without one);
+    refuses a folder that holds no model written by this trainer."""
+    if not cfg.init_from:
+        return replace(cfg, init_from=None, init_weights_sha256=None)
+    folder = Path(cfg.init_from)
+    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    if not (weights.is_file() and config.is_file()):
+        raise ValueError(f"--init-from {folder}: not a model folder written by `train model` "
+                         f"(it needs {WEIGHTS_FILE} and {CONFIG_FILE})")
+    try:
+        fmt = json.loads(config.read_text()).get("format")
+    except ValueError as err:
+        raise ValueError(f"--init-from {folder}: corrupt {CONFIG_FILE} ({err})") from None
+    if fmt != FORMAT:
+        raise ValueError(f"--init-from {folder}: its {CONFIG_FILE} has format {fmt!r}; only {FORMAT!r} "
+                         "models (written by `train model`) can be fine-tuned")
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    return replace(cfg, init_from=str(folder), init_weights_sha256=digest)
+
+
+def load_init(cfg: TrainConfig, denoiser: EDMDenoiser) -> Dict:
+    """Copy the weights of ``cfg.init_from`` into ``denoiser.net``; returns that model's
+    ``config.json``.  Refuses a model of another architecture, preconditioning or data shape."""
+    from ..models.bundled import load_bundled
+
+    folder = Path(cfg.init_from)
+    init = load_bundled(folder.name, root=folder.parent)
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    ours = {**denoiser.net.config.to_dict(), "precond": cfg.precond, "sigma_data": cfg.sigma_data,
+            "shape": list(denoiser.shape), "num_classes": denoiser.num_classes}
+    theirs = {**init.net.config.to_dict(), "precond": meta.get("precond"),
+              "sigma_data": meta.get("sigma_data"), "shape": meta.get("shape"),
+              "num_classes": meta.get("num_classes")}
+    differ = [f"{key} {theirs[key]!r} there, {ours[key]!r} here" for key in ours if _plain(theirs[key]) != _plain(ours[key])]
+    if differ:
+        raise ValueError(f"--init-from {folder} is another kind of model ({'; '.join(differ)}): pass the "
+                         "architecture and preconditioning options it was trained with")
+    denoiser.net.load_state_dict(init.net.state_dict())
+    return meta
+
+
 def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, quiet: bool = False) -> Dict:
     """Run (or resume) training.
 
@@ -285,6 +336,7 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
     """
     log = (lambda m: None) if quiet else _log
     start_wall = time.time()
+    cfg = with_init_identity(cfg)
     torch.set_num_threads(max(1, int(cfg.threads)))
     torch.manual_seed(cfg.seed)
     rank, world = rank_and_world()
@@ -319,6 +371,8 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
     device = torch.device(cfg.device)
     denoiser = build_denoiser(cfg, shape, num_classes)
+    init_meta = load_init(cfg, denoiser) if cfg.init_from else None
+    init_images = 0 if init_meta is None else init_meta.get("images_seen", init_meta["steps"] * init_meta["batch"])
     net = denoiser.net.to(device)
     memfmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net.to(memory_format=memfmt)
@@ -352,7 +406,10 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
         log(f"resumed from {state_path} at step {step} ({elapsed_before / 60:.1f} min trained)")
 
     ramp_end = 9.0 / (1.0 - cfg.ema_decay) - 10.0 if cfg.ema_decay < 1 else math.inf
-    if cfg.steps < ramp_end:
+    if cfg.init_from:
+        log(f"fine-tuning {cfg.init_from} (weights {cfg.init_weights_sha256[:12]}, {init_meta['steps']} steps); "
+            f"EMA decay {cfg.ema_decay} from the first step")
+    elif cfg.steps < ramp_end:
         log(f"note: the EMA warm-up min({cfg.ema_decay}, (1 + step) / (10 + step)) reaches --ema-decay "
             f"{cfg.ema_decay} only at step {math.ceil(ramp_end)}; this {cfg.steps}-step run ends at decay "
             f"{(1 + cfg.steps) / (10 + cfg.steps):.5f}")
@@ -384,6 +441,11 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
             "machine": describe(),
             "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
             "processes": world,
+            "init": None if init_meta is None else {
+                "from": cfg.init_from, "weights_sha256": cfg.init_weights_sha256,
+                "steps": init_meta["steps"], "batch": init_meta["batch"], "images_seen": init_images,
+            },
+            "images_seen": init_images + done_steps * cfg.batch,   # this run's and its starting model's
         }
 
     def save_state(seconds: float) -> None:
@@ -437,7 +499,7 @@ def train(cfg: TrainConfig, data: Optional[Tuple[torch.Tensor, torch.Tensor]] = 
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(net_params, cfg.grad_clip)
         opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        decay = cfg.ema_decay if cfg.init_from else min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, net_params, 1 - decay)
         step += 1
@@ -508,6 +570,9 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--export-dtype", default=d.export_dtype, choices=["float16", "bfloat16", "float32"])
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--init-from", default=None, metavar="FOLDER",
+                   help="fine-tune: start from the weights of a model folder `train model` wrote (same "
+                        "architecture); the EMA starts there with the full --ema-decay")
     p.add_argument("--base-channels", type=int, default=d.base_channels)
     p.add_argument("--channel-mult", type=_tuple_of_ints, default=d.channel_mult, help="e.g. 1,2,4")
     p.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks)
