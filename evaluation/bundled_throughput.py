@@ -1,6 +1,6 @@
 """Sampling throughput of bundled models on this CPU: what a user waits for.
 
-    python -m evaluation.bundled_throughput                                   # fashion-mnist-v1 and fashion-mnist
+    python -m evaluation.bundled_throughput          # fashion-mnist-v1, fashion-mnist-v2 and fashion-mnist
     python -m evaluation.bundled_throughput --models fashion-mnist --threads 1
 
 For each model and thread count: the README's first command's work (64 class-conditional images at
@@ -43,7 +43,7 @@ def best_seconds(model, images: int, request: dict, repeats: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="fashion-mnist-v1,fashion-mnist")
+    p.add_argument("--models", default="fashion-mnist-v1,fashion-mnist-v2,fashion-mnist")
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args(argv)

@@ -25,6 +25,8 @@ from diffsampler.models.identity import weights_hash
 from evaluation.common import HERE, bundled_model, score
 
 NFES = tuple(range(3, 11))
+# Registry entries that are a learned sampler's untrained form: the row says what was sampled.
+ROW_LABELS = {"amed": "amed, no predictor (fixed r = 0.5; trained AMED is in amed.md)"}
 
 
 def plot(rows, heun, path):
@@ -61,7 +63,7 @@ def markdown(report):
         for n in NFES:
             r = next((r for r in rows if r["solver"] == solver and r["nfe"] == n), None)
             cells.append("-" if r is None else (f"**{r['fid']:.2f}**" if r["fid"] == best[n] else f"{r['fid']:.2f}"))
-        lines.append(f"| {solver} | {cls.default_schedule} | " + " | ".join(cells) + " |")
+        lines.append(f"| {ROW_LABELS.get(solver, solver)} | {cls.default_schedule} | " + " | ".join(cells) + " |")
     t = report["throughput"]
     lines += ["", f"Throughput on this machine ({t['threads']} thread(s)): sampling {t['sample_images_per_s_nfe10']:.1f} "
               f"images/s at NFE 10 (ipndm), feature extraction {t['feature_images_per_s']:.0f} images/s.", ""]
