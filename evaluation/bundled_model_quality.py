@@ -45,6 +45,10 @@ from diffsampler.seeds import seed_noise
 from evaluation.common import RESULTS, load_model, machine
 
 
+# What each draw records and what is averaged over draws.
+SUMMARY = ("class_accuracy", "frechet_distance_vs_test", "ratio_to_real")
+
+
 def frechet(features_a, stats_b) -> float:
     return fid.frechet_distance(fid.statistics(features_a), stats_b)
 
@@ -129,11 +133,10 @@ def main(argv=None) -> int:
         if draw == 0:
             results["runs"] = runs          # the first draw in full (the seeds in "seeds")
         results["draws"].append({"seeds": f"{first}-{first + n - 1}",
-                                 "runs": {name: {k: r[k] for k in ("class_accuracy", "frechet_distance_vs_test",
-                                                                    "ratio_to_real")} for name, r in runs.items()}})
+                                 "runs": {name: {k: r[k] for k in SUMMARY} for name, r in runs.items()}})
     results["mean_over_draws"] = {
         name: {key: round(float(np.mean([d["runs"][name][key] for d in results["draws"]])), 4)
-               for key in ("class_accuracy", "frechet_distance_vs_test", "ratio_to_real")}
+               for key in SUMMARY}
         for name, _ in denoisers}
     results["machine"] = machine()
     results["evaluation_seconds"] = round(time.time() - t0, 1)
