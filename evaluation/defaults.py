@@ -4,6 +4,8 @@
 
 The sweeps come from ``results/sweeps.json`` (written by ``learned_benchmark``, e.g. with
 ``--sweep-only``); a model missing there is read from the benchmark's cache if that holds it.
+``--sweeps A.json B.json`` reads those records instead, a model in a later file replacing the
+same model in an earlier one (a sweep rerun on new weights into its own ``--out`` folder).
 
 For every benchmark model and NFE 3-10 the sweep gives the endpoint RMSE of every solver x
 schedule x AFS configuration (held-out seeds; exact endpoints or converged samples).  A
@@ -19,18 +21,28 @@ Writes results/defaults.json and results/defaults.md.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections import defaultdict
+from pathlib import Path
 
 from evaluation.common import RESULTS, machine, markdown_table
 from evaluation.learned_benchmark import CACHE_DIR, MODELS, SWEEPS, cache_path
 
 
+def recorded_entries(records):
+    """{model: sweep record entry} from the given sweeps.json files, later files winning per model."""
+    entries = {}
+    for record in records:
+        entries.update(json.loads(Path(record).read_text()))
+    return entries
+
+
 def recorded_sweeps(record=RESULTS / SWEEPS, cache_dir=CACHE_DIR):
     """{model: {"label @ nfe": rmse}}: the committed record first, the benchmark's cache for the rest."""
     sweeps = {spec: entry["sweep"] for spec, entry in
-              (json.loads(record.read_text()) if record.is_file() else {}).items()}
+              (recorded_entries([record]) if record.is_file() else {}).items()}
     for spec in MODELS:
         path = cache_path(spec, cache_dir)
         if spec not in sweeps and path.is_file():
@@ -66,8 +78,18 @@ def score(table, predicate):
     return (math.exp(sum(logs) / len(logs)) if logs else float("inf")), len(logs)
 
 
-def main() -> int:
-    table = load_sweeps()
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sweeps", nargs="+", type=Path, metavar="SWEEPS_JSON",
+                        help="sweep records to score (default: results/sweeps.json, then the cache); "
+                             "a model in a later file replaces it in an earlier one")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.sweeps or [] if not p.is_file()]
+    if missing:
+        parser.error(f"no such sweep record: {', '.join(missing)}")
+    default_record = RESULTS / SWEEPS
+    entries = recorded_entries(args.sweeps or ([default_record] if default_record.is_file() else []))
+    table = load_sweeps(sweeps={m: e["sweep"] for m, e in entries.items()} if args.sweeps else None)
     models = sorted({m for m, _ in table})
     solvers = sorted({parts(label)[0] for rows in table.values() for label in rows})
     schedules = sorted({parts(label)[1] for rows in table.values() for label in rows})
@@ -82,6 +104,8 @@ def main() -> int:
                               "score": by_schedule[best]}
     ranking = sorted(per_solver, key=lambda s: per_solver[s]["score"])
     report = {"models": models, "cells": len(table), "per_solver": per_solver, "ranking": ranking,
+              "sweeps": [str(p) for p in args.sweeps or [default_record]],
+              "weights": {m: e.get("weights") for m, e in entries.items()},
               "machine": machine()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "defaults.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -92,6 +116,8 @@ def main() -> int:
           f"Models: {', '.join(models)}; NFE 3-10 ({len(table)} model x NFE cells). Score: geometric mean over "
           "the cells of RMSE / best RMSE in that cell (1.00 = always the best configuration). Columns per "
           "schedule: without AFS / with AFS.", "",
+          "Sweeps: " + ", ".join(f"`{p}`" for p in report["sweeps"]) + "; weights (fingerprints) per model: "
+          + ", ".join(f"{m} `{w}`" for m, w in sorted(report["weights"].items())) + ".", "",
           markdown_table(["solver (variant)", "score (best schedule, no AFS)", "best schedule",
                           *[f"{k}" for k in schedules]], rows), ""]
     (RESULTS / "defaults.md").write_text("\n".join(md))

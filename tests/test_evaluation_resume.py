@@ -67,3 +67,19 @@ def test_the_sfd_report_compares_only_learned_rows_of_the_students_teacher(tmp_p
     assert [(r["method"], r["rmse"]) for r in rows] == [("s4s | default", 0.05)]
     assert {r["method"] for r in sfd.learned_rows({4}, "old")} == {"amed-ipndm", "s4s | default"}
     assert sfd.learned_rows({4}, "other") == []
+
+
+def test_defaults_read_several_sweep_records_the_later_one_winning_per_model(tmp_path):
+    """`evaluation.defaults --sweeps A B`: a model rerun on new weights into its own folder (B)
+    replaces that model's whole entry from the main record (A); the other models stay."""
+    import json
+    from evaluation.defaults import recorded_entries
+
+    main, rerun = tmp_path / "sweeps.json", tmp_path / "rerun.json"
+    main.write_text(json.dumps({"gmm:digits": {"weights": "w-d", "sweep": {"euler | logsnr @ 3": 2.0}},
+                                "fashion-mnist": {"weights": "w-old", "sweep": {"ipndm | logsnr @ 3": 8.0}}}))
+    rerun.write_text(json.dumps({"fashion-mnist": {"weights": "w-new", "sweep": {"unipc | logsnr @ 3": 6.0}}}))
+    entries = recorded_entries([main, rerun])
+    assert {m: e["weights"] for m, e in entries.items()} == {"gmm:digits": "w-d", "fashion-mnist": "w-new"}
+    assert entries["fashion-mnist"]["sweep"] == {"unipc | logsnr @ 3": 6.0}
+    assert recorded_entries([rerun, main])["fashion-mnist"]["weights"] == "w-old"
