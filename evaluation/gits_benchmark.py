@@ -24,7 +24,7 @@ points of polynomial rho=7.
 
 The bundled-model sections share one teacher run per metric set (cached in ``.cache``).  FID runs
 of the same images accumulate in the report; runs made in parallel with their own ``--out`` fold in
-with ``--merge``.
+with ``--merge`` (FID runs, ``--converged`` and ``--cost`` sections; never from other weights).
 
     python -m evaluation.gits_benchmark                       # analytic models
     python -m evaluation.gits_benchmark --skip-endpoint --converged --fid --cost     # bundled model parts
@@ -371,6 +371,23 @@ def merge_fid(old, new):
     return old
 
 
+def merge_report(report: dict, theirs: dict, log, name: str = "the other report") -> None:
+    """Fold a report made side by side (its own ``--out``) into ``report``: FID runs accumulate; the
+    converged and search-cost sections and each model's endpoint section replace this report's.
+    Bundled-model sections come only from a report measured on ``report``'s bundled weights."""
+    bundled_ok = theirs.get("bundled_weights") == report.get("bundled_weights")
+    for key, run in theirs.items():
+        if key.startswith("fid") and isinstance(run, dict) and "rows" in run and bundled_ok:
+            store_fid(report, run)
+        elif key in ("converged", "search_cost") and bundled_ok:
+            report[key] = run
+        elif key == "endpoint_error":
+            report.setdefault(key, {}).update(run)
+    if not bundled_ok:
+        log(f"not merged from {name}: its bundled-model sections were measured on other weights "
+            f"({theirs.get('bundled_weights')}) than this report's ({report.get('bundled_weights')})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gmm:digits,gmm:synthetic:16:3x32x32:0,gmm:fashion-mnist")
@@ -394,7 +411,8 @@ def main(argv=None):
     parser.add_argument("--skip-endpoint", action="store_true")
     parser.add_argument("--merge", nargs="+", default=[], metavar="GITS_JSON",
                         help="Fold other reports (e.g. parallel runs with their own --out) into this one: "
-                             "FID runs merge, endpoint sections replace this report's for the same model")
+                             "FID runs merge, converged and search-cost sections and endpoint sections (per "
+                             "model) replace this report's; bundled sections only from today's weights")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--threads", type=int, default=1, help="Torch threads (the --cost section sets its own)")
     args = parser.parse_args(argv)
@@ -423,11 +441,7 @@ def main(argv=None):
                                first_seed=args.fid_first_seed)
         store_fid(report, json.loads(json.dumps(measured)))
     for other in args.merge:
-        for key, run in json.loads(Path(other).read_text()).items():
-            if key.startswith("fid") and isinstance(run, dict) and "rows" in run:
-                store_fid(report, run)
-            elif key == "endpoint_error":                      # per model: the newer run replaces
-                report.setdefault(key, {}).update(run)
+        merge_report(report, json.loads(Path(other).read_text()), log, name=other)
     if args.cost:
         configs = tuple(tuple(int(v) for v in c.split("x")) for c in args.cost_configs.split(","))
         measured = cost_section(log, configs)

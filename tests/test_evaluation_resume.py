@@ -83,3 +83,28 @@ def test_defaults_read_several_sweep_records_the_later_one_winning_per_model(tmp
     assert {m: e["weights"] for m, e in entries.items()} == {"gmm:digits": "w-d", "fashion-mnist": "w-new"}
     assert entries["fashion-mnist"]["sweep"] == {"unipc | logsnr @ 3": 6.0}
     assert recorded_entries([rerun, main])["fashion-mnist"]["weights"] == "w-old"
+
+
+def test_gits_merge_takes_side_by_side_sections_only_from_the_same_bundled_weights():
+    """`gits_benchmark --merge`: a run made with its own --out on today's weights brings its FID rows
+    (accumulated with the recorded ones), its converged and search-cost sections (replacing); a
+    report measured on other weights brings none of its bundled sections, only endpoint sections."""
+    from evaluation.gits_benchmark import merge_report
+
+    fid = lambda first, rows: {"images": 2000, "first_seed": first, "settings": [["dev", 1.05]], "rows": rows}
+    report = {"bundled_weights": "w", "fid": fid(0, {"ipndm": {"4": {"default": {"fid": 4.0}}}}),
+              "converged": {"seeds": 200, "old": True}}
+    same = {"bundled_weights": "w", "fid": fid(0, {"ipndm": {"5": {"default": {"fid": 3.0}}}}),
+            "fid_held_out": fid(2000, {"ipndm": {"4": {"default": {"fid": 4.5}}}}),
+            "converged": {"seeds": 200, "new": True}, "search_cost": {"runs": [1]}}
+    messages = []
+    merge_report(report, same, messages.append)
+    assert set(report["fid"]["rows"]["ipndm"]) == {"4", "5"} and messages == []
+    assert report["fid_2000_from_seed_2000"]["first_seed"] == 2000
+    assert report["converged"] == {"seeds": 200, "new": True} and report["search_cost"] == {"runs": [1]}
+    other = {"bundled_weights": "v", "converged": {"stale": True}, "fid": fid(0, {"euler": {}}),
+             "endpoint_error": {"gmm:digits": {"x": 1}}}
+    merge_report(report, other, messages.append, name="old.json")
+    assert report["converged"] == {"seeds": 200, "new": True} and "euler" not in report["fid"]["rows"]
+    assert report["endpoint_error"] == {"gmm:digits": {"x": 1}}
+    assert len(messages) == 1 and "old.json" in messages[0] and "other weights" in messages[0]
