@@ -21,8 +21,13 @@ seed's noise and a random class per seed, as ``diffsampler sample`` draws them):
   and the best by full FID are the baselines the student is compared with.
 * **Targets** (issue 15): the student at NFE 2 below the best untrained configuration at NFE 5, and at
   NFE 3 and 4 below the best at NFE 8, on each metric.
-* **Learned samplers**: the rows of ``results/amed.json`` (and ``results/learned.json`` when the other
-  issue's benchmark has written it) at the student's NFEs, as recorded (their own image counts).
+* **The teacher**: at each student NFE, the solve the student was distilled to imitate (the recorded
+  teacher solver on the student's grid with M points inside every interval, on the teacher model),
+  with the same RMSE and FID: the student's ceiling.  student - teacher is what distillation lost;
+  teacher - converged is what the short teacher grid loses.
+* **Learned samplers**: the rows of the AMED and learned-sampler reports (``AMED_REPORTS``,
+  ``LEARNED_REPORTS``) recorded on the teacher's weights, at the student's NFEs, as recorded (their
+  own image counts).
 
 Rows are cached in ``evaluation/.cache/sfd/`` (a rerun with the same settings reuses them).
 """
@@ -38,8 +43,9 @@ from typing import Dict, List, Optional
 import torch
 
 from diffsampler import SOLVERS, sample
+from diffsampler.distill.train import teacher_grid
 from diffsampler.models.identity import weights_hash
-from diffsampler.plan import solver_record
+from diffsampler.plan import make_plan, solver_record
 from diffsampler.seeds import seed_noise
 from diffsampler.solvers import get_solver
 
@@ -63,9 +69,21 @@ def configurations(nfe: int) -> List[dict]:
     return out
 
 
+def teacher_configuration(distilled: dict, k: int) -> dict:
+    """The teacher solve behind the student's NFE-``k`` plan, as its distillation record gives it."""
+    options = {key: value for key, value in distilled["teacher"].items() if key != "name"}
+    sigmas = teacher_grid(distilled["sigmas"][str(k)], distilled["M"], distilled["schedule"],
+                          distilled["schedule_options"])
+    nfe = make_plan(distilled["teacher"]["name"], sigmas=sigmas, afs=False, **options).nfe
+    return {"teacher_of": k, "solver": distilled["teacher"]["name"], "solver_options": options,
+            "sigmas": sigmas, "afs": False, "nfe": nfe}
+
+
 def label(config: dict) -> str:
     if "student" in config:
         return f"SFD-v student, NFE {config['nfe']}"
+    if "teacher_of" in config:
+        return f"its teacher for NFE {config['teacher_of']}: {config['solver']}, NFE {config['nfe']}"
     rho = config["schedule_options"].get("rho")
     grid = config["schedule"] + (f" rho {rho:g}" if rho is not None else "")
     return f"{config['solver']}, {grid}{', AFS' if config['afs'] else ''}"
@@ -74,6 +92,8 @@ def label(config: dict) -> str:
 def kwargs_of(config: dict) -> dict:
     if "student" in config:
         return {"nfe": config["nfe"]}
+    if "teacher_of" in config:
+        return {"solver": config["solver"], "sigmas": config["sigmas"], "afs": False, **config["solver_options"]}
     return {k: config[k] for k in ("solver", "nfe", "schedule", "schedule_options", "afs")}
 
 
@@ -93,7 +113,7 @@ class Bench:
     def key(self, config, what, count):
         key = {"config": config, "what": what, "count": count,
                "weights": weights_hash(self.model_of(config)), "reference_seeds": self.rmse_seeds}
-        if "student" not in config:                 # the solver's options as resolved today (defaults change)
+        if "student" not in config and "teacher_of" not in config:   # the solver's options as resolved today
             key["solver"] = solver_record(get_solver(config["solver"]))
         return key
 
@@ -123,28 +143,33 @@ class Bench:
 def _slug(config: dict) -> str:
     if "student" in config:
         return f"student{config['nfe']}"
+    if "teacher_of" in config:
+        return f"teacher{config['teacher_of']}_{config['solver']}_nfe{config['nfe']}"
     opts = "-".join(f"{k}{v:g}" for k, v in config["schedule_options"].items())
     return f"{config['solver']}_nfe{config['nfe']}_{config['schedule']}{opts}_{'afs' if config['afs'] else 'noafs'}"
 
 
-LEARNED_REPORTS = ("learned.json", "retrained/learned.json")
+LEARNED_REPORTS = ("learned.json", "retrained/learned.json", "finetuned/learned.json")
+AMED_REPORTS = ("amed.json", "finetuned/amed.json")
 
 
 def learned_rows(nfes, weights: str) -> List[dict]:
     """The learned samplers recorded on the bundled model at these NFEs, as recorded: AMED's rows of
-    ``results/amed.json`` (500 images, 256 seeds) and every method of the learned-sampler reports
+    the AMED reports (``AMED_REPORTS``; 500 images, 256 seeds) and every method of the learned-sampler reports
     (``LEARNED_REPORTS``; the other issue's benchmark: RMSE on its own test seeds, paired FID of its
     best); only rows recorded on the teacher's ``weights`` (other weights' rows do not compare)."""
     rows = []
-    amed = RESULTS / "amed.json"
-    report = json.loads(amed.read_text()) if amed.is_file() else {}
-    if report.get("bundled_weights") == weights:
+    for name in AMED_REPORTS:
+        amed = RESULTS / name
+        report = json.loads(amed.read_text()) if amed.is_file() else {}
+        if report.get("bundled_weights") != weights:
+            continue
         for method, per in report.get("bundled", {}).items():
             if not method.startswith("amed"):
                 continue
             for nfe, row in per.items():
                 if int(nfe) in nfes:
-                    rows.append({"source": f"amed.json (FID on {report.get('images')} images)", "method": method,
+                    rows.append({"source": f"{name} (FID on {report.get('images')} images)", "method": method,
                                  "nfe": int(nfe), "fid": row.get("fid"), "rmse": row.get("rmse")})
     for name in LEARNED_REPORTS:
         learned = RESULTS / name
@@ -207,6 +232,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                            "fid": fid_of(f["features"]), "images_per_s": args.images / f["sample_seconds"]}
         log(f"{label(config)}: RMSE {student_rows[k]['rmse']:.4f}, FID {student_rows[k]['fid']:.3f}")
     report["student_rows"] = {str(k): {kk: vv for kk, vv in v.items()} for k, v in student_rows.items()}
+    teacher_rows = {}
+    for k in nfes:
+        config = teacher_configuration(student.info, k)
+        teacher_rows[str(k)] = {"config": config, "label": label(config), "rmse": bench.rmse(config),
+                                "fid": fid_of(bench.features(config, args.images)["features"])}
+        log(f"{label(config)}: RMSE {teacher_rows[str(k)]['rmse']:.4f}, FID {teacher_rows[str(k)]['fid']:.3f}")
+    report["teacher_rows"] = teacher_rows
 
     # --- the untrained sweep: RMSE everywhere, FID screened at the target NFEs ------------------------
     sweep = {}
@@ -292,10 +324,15 @@ def markdown(report: dict) -> str:
     rows = []
     for k, r in report["student_rows"].items():
         best = report["same_nfe_best_rmse"].get(k)
+        teacher = report.get("teacher_rows", {}).get(k)
         rows.append([k, f"{r['rmse']:.4f}", f"{r['fid']:.3f}", f"{r['images_per_s']:.0f}",
-                     f"{best['label']}: {best['rmse']:.4f}" if best else "-"])
+                     f"{best['label']}: {best['rmse']:.4f}" if best else "-",
+                     f"NFE {teacher['config']['nfe']}: {teacher['rmse']:.4f} / {teacher['fid']:.3f}" if teacher else "-"])
     lines += [markdown_table(["NFE", "student RMSE", f"student FID ({s['images']})", "images/s",
-                              "best untrained by RMSE"], rows), ""]
+                              "best untrained by RMSE", "its teacher: RMSE / FID"], rows), "",
+              "The teacher column is the solve the student imitates (the student's ceiling): student minus "
+              "teacher is what distillation lost; the teacher's own RMSE is what its short grid loses against the converged "
+              "samples.", ""]
     for nfe, b in report["baselines"].items():
         lines += [f"## Untrained configurations at NFE {nfe}", "",
                   f"RMSE for all, FID screened on {s['screen']} images, full FID for the {s['top']} best of each "

@@ -108,3 +108,27 @@ def test_gits_merge_takes_side_by_side_sections_only_from_the_same_bundled_weigh
     assert report["converged"] == {"seeds": 200, "new": True} and "euler" not in report["fid"]["rows"]
     assert report["endpoint_error"] == {"gmm:digits": {"x": 1}}
     assert len(messages) == 1 and "old.json" in messages[0] and "other weights" in messages[0]
+
+
+def test_the_sfd_reports_teacher_rows_rebuild_the_committed_students_teacher_solve():
+    """The teacher row of each student NFE is the recorded teacher on the polynomial grid of
+    (M + 1) x the student's steps, which passes through every student sigma; one evaluation per step."""
+    import json
+    from pathlib import Path
+    from evaluation.sfd_benchmark import kwargs_of, teacher_configuration
+
+    record = json.loads((Path(__file__).parents[1] / "checkpoints/fashion-mnist-sfd/config.json").read_text())["distilled"]
+    rho, m = record["schedule_options"]["rho"], record["M"]
+    for k in record["nfes"]:
+        config = teacher_configuration(record, k)
+        student_sigmas = record["sigmas"][str(k)]
+        steps = (m + 1) * (len(student_sigmas) - 1)
+        hi, lo = student_sigmas[0] ** (1 / rho), student_sigmas[-1] ** (1 / rho)
+        polynomial = [(hi + (lo - hi) * i / steps) ** rho for i in range(steps + 1)]
+        assert config["nfe"] == record["teacher_steps"][str(k)] == steps
+        assert max(abs(a - b) / b for a, b in zip(config["sigmas"], polynomial)) < 1e-12
+        assert config["sigmas"][:: m + 1] == student_sigmas
+        kwargs = kwargs_of(config)
+        assert kwargs.pop("solver") == record["teacher"]["name"] and kwargs.pop("afs") is False
+        assert kwargs.pop("sigmas") == config["sigmas"]
+        assert kwargs == {key: v for key, v in record["teacher"].items() if key != "name"}
