@@ -23,8 +23,9 @@ training_options = stack(
     click.option("--lr", type=float, default=None, help="Adam learning rate (default: the method's)."),
     click.option("--seed", "first_seed", type=click.IntRange(min=0), default=1_000_000, show_default=True,
                  help="First training seed."),
-    click.option("--val-images", type=click.IntRange(min=0), default=64, show_default=True,
-                 help="Held-out validation seeds (from 2,000,000) that pick the best iterate."),
+    click.option("--val-images", type=click.IntRange(min=0), default=None,
+                 help="Held-out validation seeds (from 2,000,000) that pick the best iterate (default: the "
+                      "method's, 256; AMED 64)."),
     click.option("--guidance", type=click.FloatRange(min=0), default=1.0, show_default=True,
                  help="Classifier-free guidance scale to train with."),
     click.option("--device", default="cpu", show_default=True),

@@ -29,7 +29,7 @@ def learn(method: str, denoiser, shape: Optional[Sequence[int]] = None, nfe: Opt
           cond=None, model_name: Optional[str] = None, teacher: Optional[str] = None,
           teacher_options: Optional[dict] = None, M: Optional[int] = None, batch: int = 32, iters: Optional[int] = None,
           train_images: Optional[int] = None, lr: Optional[float] = None, first_seed: int = TRAIN_SEEDS,
-          val_images: int = 64, val_seed: int = VAL_SEEDS, val_every: Optional[int] = None, loss: str = "l2",
+          val_images: Optional[int] = None, val_seed: int = VAL_SEEDS, val_every: Optional[int] = None, loss: str = "l2",
           through: bool = False, dtype=torch.float32, device="cpu", progress: bool = False, log=None,
           auto_images: int = 32, **options) -> LearnedSampler:
     """Train learned sampler ``method`` at ``nfe`` on ``denoiser`` (any Denoiser or plain callable
@@ -60,6 +60,7 @@ def learn(method: str, denoiser, shape: Optional[Sequence[int]] = None, nfe: Opt
     return distill(sampler, denoiser, shape, cond=cond, teacher=teacher, teacher_options=teacher_options, M=M,
                    batch=batch, iters=iters if iters is not None else cls.default_iters,
                    train_images=train_images if train_images is not None else cls.default_train_images,
-                   lr=lr if lr is not None else cls.default_lr, first_seed=first_seed, val_images=val_images,
+                   lr=lr if lr is not None else cls.default_lr, first_seed=first_seed,
+                   val_images=val_images if val_images is not None else cls.default_val_images,
                    val_seed=val_seed, val_every=val_every, loss=loss, through=through, dtype=dtype, device=device,
                    progress=progress, log=log)

@@ -59,6 +59,7 @@ class AMEDSampler(LearnedSampler):
     targets = "steps"
     default_teacher = "dpm2"
     min_teacher_steps = 8
+    default_val_images = 64              # what its benchmark tables were measured with
     default_solver = "amed"
 
     def __init__(self, feature_dim: int, feature_source: str, hidden: int = 64, scale_dir: float = 0.0,

@@ -19,7 +19,7 @@
    Adam updates the sampler's parameters once per batch; the model's own parameters are frozen
    during training and restored afterwards.
 3. **Validation.** Held-out seeds (``val_images`` from ``val_seed``, disjoint from the training
-   seeds) measure the per-seed endpoint RMSE to the teacher before training (the neutral
+   seeds; by default the method's ``default_val_images``, 256, AMED 64) measure the per-seed endpoint RMSE to the teacher before training (the neutral
    parameters, i.e. the base solver) and every ``val_every`` iterations (default: ten times).  An
    iterate replaces the neutral parameters only if its paired improvement over them is
    significant (mean per-seed difference below minus two standard errors), and the best such
@@ -109,12 +109,13 @@ def distill(sampler: LearnedSampler, denoiser, shape: Optional[Sequence[int]] = 
             cond: Optional[Callable[[List[int]], Dict[str, Any]]] = None, teacher: Optional[str] = None,
             teacher_options: Optional[dict] = None, M: Optional[int] = None, batch: int = 32, iters: int = 40,
             train_images: Optional[int] = None, lr: float = 1e-2, first_seed: int = TRAIN_SEEDS,
-            val_images: int = 64, val_seed: int = VAL_SEEDS, val_every: Optional[int] = None, loss: str = "l2",
+            val_images: Optional[int] = None, val_seed: int = VAL_SEEDS, val_every: Optional[int] = None, loss: str = "l2",
             through: bool = False, dtype=torch.float32, device="cpu", progress: bool = False,
             log: Optional[Callable[[int, float], None]] = None) -> LearnedSampler:
     """Train ``sampler`` against a teacher on ``denoiser`` (see the module docstring); returns it
     with the best validated parameters, its ``settings`` updated with how it was trained."""
     shape = tuple(shape if shape is not None else denoiser.shape)
+    val_images = sampler.default_val_images if val_images is None else val_images
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
     if iters < 1 or batch < 1 or val_images < 0 or (M is not None and M < 0):
