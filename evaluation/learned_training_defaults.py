@@ -98,7 +98,7 @@ def markdown(report: dict) -> str:
              "## The teacher's own error (probe base: ipndm_v, time-quadratic, AFS)", "",
              markdown_table(["model", "NFE", "base RMSE"] + [f"teacher >= {s} steps" for s in report["teacher_steps"]],
                             [[k.rsplit(" @ ", 1)[0], k.rsplit(" @ ", 1)[1], f"{v[str(report['teacher_steps'][0])]['base']:.4f}"]
-                             + [f"{v[str(s)]['teacher']:.4f} ({v[str(s)]['teacher_steps']} steps)"
+                             + [f"{v[str(s)]['teacher']:.1e} ({v[str(s)]['teacher_steps']} steps)"
                                 for s in report["teacher_steps"]] for k, v in report["teacher"].items()]), "",
              "## Every cell (ratio to its own base; median per-seed ratio in brackets)", "",
              markdown_table(["model", "NFE", "method"] + [label(*s) for s in report["settings"]],

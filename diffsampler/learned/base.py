@@ -45,8 +45,8 @@ class LearnedSampler(nn.Module):
     targets: ClassVar[str] = "steps"
     default_teacher: ClassVar[str] = "dpmpp"
     # The teacher must be far more accurate than the student: with 24 steps its own endpoint error was
-    # 16-37% of the best untrained NFE-6 error on the analytic mixtures (evaluation/README.md,
-    # "learned_benchmark.py"); 48 steps cut it 8-40x and gave 4% lower learned error across 64 cells.
+    # up to 37% of an NFE 3-6 base's on the analytic mixtures, 48 steps cut it 5x or more, and gave 4% lower
+    # learned error over 64 cells (evaluation/learned_training_defaults.py, on selection seeds).
     min_teacher_steps: ClassVar[int] = 48
     default_solver: ClassVar[str] = "ipndm"
     default_iters: ClassVar[int] = 40
