@@ -198,3 +198,22 @@ def test_auto_base_is_the_most_accurate_untrained_base_on_the_validation_seeds(a
     assert str(choice["chosen"]) == min(scores, key=scores.get)
     neutral = LEARNED["s4s"].create(model, model.shape, nfe=4, **choice["chosen"])
     assert rmse(sample(model, noise, learned=learned).samples, exact) <= rmse(sample(model, noise, learned=neutral).samples, exact)
+
+
+def test_the_default_teacher_is_far_more_accurate_than_the_base_and_validation_uses_256_seeds(analytic):
+    """Defaults (evaluation/learned_training_defaults.py): the teacher's own endpoint error is a
+    small fraction of the base solver's, so a student imitating it is not held at the teacher's
+    error; 256 validation seeds for LD3/S4S/PAS/EPD, 64 for AMED (measured so)."""
+    from diffsampler.learned.distill import refine
+    model, noise, exact = analytic
+    learned = learn("ld3", model, nfe=6, solver="ipndm", iters=1, batch=4, train_images=4)
+    settings = learned.settings
+    assert settings["val_images"] == 256 and settings["teacher"] == "dpmpp"
+    grid = LEARNED["ld3"].create(model, model.shape, nfe=6, solver="ipndm").grid()
+    teacher = refine(grid, settings["M"])
+    assert len(teacher) - 1 >= 48
+    base_error = rmse(sample(model, noise, nfe=6, solver="ipndm").samples, exact)
+    teacher_error = rmse(sample(model, noise, solver="dpmpp", sigmas=teacher, afs=False).samples, exact)
+    assert teacher_error < 0.05 * base_error
+    amed = learn("amed", model, nfe=4, iters=1, batch=4, train_images=4)
+    assert amed.settings["val_images"] == 64
