@@ -1,6 +1,6 @@
 """How the learned samplers' training defaults were chosen: teacher steps and validation seeds.
 
-    python -m evaluation.learned_training_defaults            # ~15 min on one thread
+    python -m evaluation.learned_training_defaults            # ~10 min on one thread
 
 Every learned sampler but AMED (ld3, s4s, pas, epd), with its default base (``auto``) at NFE 3-6, is
 trained on each analytic benchmark model under each candidate setting (at least ``T`` teacher steps,

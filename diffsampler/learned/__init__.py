@@ -60,7 +60,6 @@ def learn(method: str, denoiser, shape: Optional[Sequence[int]] = None, nfe: Opt
     return distill(sampler, denoiser, shape, cond=cond, teacher=teacher, teacher_options=teacher_options, M=M,
                    batch=batch, iters=iters if iters is not None else cls.default_iters,
                    train_images=train_images if train_images is not None else cls.default_train_images,
-                   lr=lr if lr is not None else cls.default_lr, first_seed=first_seed,
-                   val_images=val_images if val_images is not None else cls.default_val_images,
+                   lr=lr if lr is not None else cls.default_lr, first_seed=first_seed, val_images=val_images,
                    val_seed=val_seed, val_every=val_every, loss=loss, through=through, dtype=dtype, device=device,
                    progress=progress, log=log)

@@ -19,12 +19,13 @@
    Adam updates the sampler's parameters once per batch; the model's own parameters are frozen
    during training and restored afterwards.
 3. **Validation.** Held-out seeds (``val_images`` from ``val_seed``, disjoint from the training
-   seeds; by default the method's ``default_val_images``, 256, AMED 64) measure the per-seed endpoint RMSE to the teacher before training (the neutral
-   parameters, i.e. the base solver) and every ``val_every`` iterations (default: ten times).  An
-   iterate replaces the neutral parameters only if its paired improvement over them is
-   significant (mean per-seed difference below minus two standard errors), and the best such
-   iterate is returned: a noisy gain on a few validation seeds does not replace the base solver.
-   The learning rate decays along a cosine to a tenth of ``lr``.
+   seeds; by default the method's ``default_val_images``: 256, AMED 64) measure the per-seed
+   endpoint RMSE to the teacher before training (the neutral parameters, i.e. the base solver)
+   and every ``val_every`` iterations (default: ten times).  An iterate replaces the neutral
+   parameters only if its paired improvement over them is significant (mean per-seed difference
+   below minus two standard errors), and the best such iterate is returned: a noisy gain on a
+   few validation seeds does not replace the base solver.  The learning rate decays along a
+   cosine to a tenth of ``lr``.
 4. **Scale-out.** Under torchrun (a process group of several ranks) every batch's seeds are split
    across ranks, each rank runs its share of teacher and student, and DistributedDataParallel
    averages the gradients; validation sums over ranks.  Rank 0 shows a progress bar with the loss.
