@@ -2,7 +2,6 @@
 process.  Reruns never reuse images made with other settings; mistakes get one clear line, never a
 traceback; what ran is recorded; names from other tools work; ``--help`` is instant."""
 import json
-import os
 import signal
 import subprocess
 import sys

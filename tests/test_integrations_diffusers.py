@@ -21,7 +21,6 @@ pytest.importorskip("transformers")
 import tiny_pipelines as tiny  # noqa: E402
 from diffsampler import pipelines, sample  # noqa: E402
 from diffsampler.integrations.diffusers import DiffSamplerScheduler  # noqa: E402
-from diffsampler.models.flow import t_to_sigma  # noqa: E402
 from diffsampler.models.flux import pack  # noqa: E402
 from diffsampler.solvers import get_solver, solver_names  # noqa: E402
 
