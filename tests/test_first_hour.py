@@ -128,6 +128,8 @@ def test_labels_weights_hash_and_what_ran_are_recorded(tmp_path):
     from diffsampler.generate import seed_labels
     from diffsampler.models.identity import weights_hash
     from diffsampler.models.specs import load_model
+    from diffsampler.plan import solver_record
+    from diffsampler.solvers import get_solver
     code, stdout, _ = cli("sample", "--nfe", 3, "--seeds", "0-7", "--outdir", tmp_path / "s", "--npz", tmp_path / "s.npz")
     assert code == 0 and f"wrote {tmp_path / 's.npz'}" in stdout
     expected = seed_labels(range(8), 10).tolist()
@@ -139,7 +141,7 @@ def test_labels_weights_hash_and_what_ran_are_recorded(tmp_path):
     record = json.loads((tmp_path / "fid" / "fid.json").read_text())
     assert code == 0 and record["nfe"] == 3 and record["schedule"]["name"] == DEFAULT_SCHEDULE
     assert record["schedule"]["options"]["rho"] == DEFAULT_SCHEDULE_OPTIONS["rho"]       # and the grid's VP betas
-    assert record["solver"]["name"] == DEFAULT_SOLVER and record["solver"]["legacy"] is True
+    assert record["solver"] == solver_record(get_solver(DEFAULT_SOLVER))    # the name and every default option
     assert "warning" in record
 
 
