@@ -19,11 +19,12 @@ import time
 import torch
 
 from diffsampler import sample
+from diffsampler.defaults import DEFAULT_SOLVER
 from diffsampler.models.unet import count_parameters
 from diffsampler.seeds import seed_noise
 from evaluation.common import labels_cond, load_model, machine, markdown_table, write_report
 
-WORKLOADS = {"README first command (64 images, NFE 5, default solver)": (64, {"nfe": 5}),
+WORKLOADS = {f"README first command (64 images, NFE 5, default solver: {DEFAULT_SOLVER})": (64, {"nfe": 5}),
              "quality check (250 images, NFE 20, dpmpp)": (250, {"nfe": 20, "solver": "dpmpp"})}
 
 
