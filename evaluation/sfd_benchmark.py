@@ -25,9 +25,9 @@ seed's noise and a random class per seed, as ``diffsampler sample`` draws them):
   teacher solver on the student's grid with M points inside every interval, on the teacher model),
   with the same RMSE and FID: the student's ceiling.  student - teacher is what distillation lost;
   teacher - converged is what the short teacher grid loses.
-* **Learned samplers**: the rows of the AMED and learned-sampler reports (``AMED_REPORTS``,
-  ``LEARNED_REPORTS``) recorded on the teacher's weights, at the student's NFEs, as recorded (their
-  own image counts).
+* **Learned samplers**: the rows of the AMED reports (``AMED_REPORTS``) and of the newest
+  learned-sampler report (``LEARNED_REPORTS``) recorded on the teacher's weights, at the student's
+  NFEs, as recorded (their own image counts).
 
 Rows are cached in ``evaluation/.cache/sfd/`` (a rerun with the same settings reuses them).
 """
@@ -157,7 +157,9 @@ def learned_rows(nfes, weights: str) -> List[dict]:
     """The learned samplers recorded on the bundled model at these NFEs, as recorded: AMED's rows of
     the AMED reports (``AMED_REPORTS``; 500 images, 256 seeds) and every method of the learned-sampler reports
     (``LEARNED_REPORTS``; the other issue's benchmark: RMSE on its own test seeds, paired FID of its
-    best); only rows recorded on the teacher's ``weights`` (other weights' rows do not compare)."""
+    best); only rows recorded on the teacher's ``weights`` (other weights' rows do not compare), and of
+    those only the first such learned-sampler report (``LEARNED_REPORTS`` is newest first: an older
+    report on the same weights was trained with older defaults and would mix the two)."""
     rows = []
     for name in AMED_REPORTS:
         amed = RESULTS / name
@@ -188,6 +190,7 @@ def learned_rows(nfes, weights: str) -> List[dict]:
                 rows.append({"source": f"{name} (RMSE on {info.get('seeds')} seeds)", "method": method,
                              "nfe": int(nfe), "rmse": row.get("rmse"),
                              "fid": fid.get("fid_learned") if measured else None})
+        break
     return rows
 
 

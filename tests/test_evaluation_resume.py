@@ -51,7 +51,7 @@ def test_recorded_sweeps_replace_a_models_entry_whole_and_feed_the_defaults_scor
     assert cells == 2 and abs(unipc - (1.0 * 2.0) ** 0.5) < 1e-12      # ratios 1 (digits) and 2 (fashion-mnist)
 
 
-def test_the_sfd_report_compares_only_learned_rows_of_the_students_teacher(tmp_path, monkeypatch):
+def test_the_sfd_report_compares_only_learned_rows_of_the_students_teacher_from_the_newest_report(tmp_path, monkeypatch):
     import json
     import evaluation.sfd_benchmark as sfd
 
@@ -67,6 +67,9 @@ def test_the_sfd_report_compares_only_learned_rows_of_the_students_teacher(tmp_p
     assert [(r["method"], r["rmse"]) for r in rows] == [("s4s | default", 0.05)]
     assert {r["method"] for r in sfd.learned_rows({4}, "old")} == {"amed-ipndm", "s4s | default"}
     assert sfd.learned_rows({4}, "other") == []
+    (tmp_path / "finetuned").mkdir()                  # an older report on the same weights: not mixed in
+    (tmp_path / "finetuned" / "learned.json").write_text(learned("new", 0.01))
+    assert [(r["method"], r["rmse"]) for r in sfd.learned_rows({4}, "new")] == [("s4s | default", 0.05)]
 
 
 def test_defaults_read_several_sweep_records_the_later_one_winning_per_model(tmp_path):
