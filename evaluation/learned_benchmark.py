@@ -194,8 +194,11 @@ class Bench:
 def training_defaults(method: str) -> dict:
     """The method's training defaults today: a cached run made with other ones is redone."""
     cls = LEARNED[method]
-    return {"iters": cls.default_iters, "train_images": cls.default_train_images, "lr": cls.default_lr,
-            "min_teacher_steps": cls.min_teacher_steps, "val_images": cls.default_val_images}
+    defaults = {"iters": cls.default_iters, "train_images": cls.default_train_images, "lr": cls.default_lr,
+                "min_teacher_steps": cls.min_teacher_steps, "val_images": cls.default_val_images}
+    if cls.default_confirm_images:           # recorded only when on, so the runs made before it existed stay valid
+        defaults["confirm_images"] = cls.default_confirm_images
+    return defaults
 
 
 def _same_request(a, b) -> bool:

@@ -1,10 +1,10 @@
-"""How the learned samplers' training defaults were chosen: teacher steps and validation seeds.
+"""How the learned samplers' training defaults were chosen: teacher steps, validation and confirmation seeds.
 
     python -m evaluation.learned_training_defaults            # ~10 min on one thread
 
 Every learned sampler but AMED (ld3, s4s, pas, epd), with its default base (``auto``) at NFE 3-6, is
 trained on each analytic benchmark model under each candidate setting (at least ``T`` teacher steps,
-``V`` validation seeds) and scored against exact ODE endpoints on **selection seeds** 3,000,000..
+``V`` validation seeds, ``C`` confirmation seeds: 0 for none) and scored against exact ODE endpoints on **selection seeds** 3,000,000..
 3,000,127: disjoint from the training (1,000,000..), validation (2,000,000..) and test seeds
 (0..N-1) of ``learned_benchmark.py``, so the defaults are not picked on the seeds the benchmark
 reports.  Per cell: the learned sampler's mean per-seed RMSE over its own base's (the neutral
@@ -31,7 +31,8 @@ from evaluation.common import exact_endpoints, load_model, machine, markdown_tab
 
 MODELS = ["gmm:digits", "gmm:digits:0.1", "gmm:synthetic:32:1x8x8:5", "gmm:synthetic:16:3x32x32:0"]
 METHODS = ["ld3", "s4s", "pas", "epd"]
-SETTINGS = [(24, 64), (48, 64), (48, 256)]          # (min teacher steps, validation seeds); first: the old default
+# (min teacher steps, validation seeds, confirmation seeds); first: the old default
+SETTINGS = [(24, 64, 0), (48, 64, 0), (48, 256, 0), (48, 256, 256)]
 FIRST_SEED, SEEDS = 3_000_000, 128
 PROBE = dict(solver="ipndm_v", schedule="time_uniform", schedule_options={"rho": 2.0}, afs=True, legacy=True)
 
@@ -47,13 +48,14 @@ def teacher_error(model, noise, reference, nfe: int, steps: int) -> Dict[str, fl
             "teacher_steps": teacher.steps}
 
 
-def cell(model, noise, reference, method: str, nfe: int, steps: int, val_images: int) -> dict:
+def cell(model, noise, reference, method: str, nfe: int, steps: int, val_images: int, confirm_images: int) -> dict:
     cls = LEARNED[method]
     saved = LearnedSampler.min_teacher_steps
     LearnedSampler.min_teacher_steps = steps        # the methods measured here inherit it
     try:
         t0 = time.perf_counter()
-        sampler = learn(method, model, nfe=nfe, dtype=torch.float64, solver=cls.default_solver, val_images=val_images)
+        sampler = learn(method, model, nfe=nfe, dtype=torch.float64, solver=cls.default_solver, val_images=val_images,
+                        confirm_images=confirm_images)
         seconds = time.perf_counter() - t0
     finally:
         LearnedSampler.min_teacher_steps = saved
@@ -82,8 +84,9 @@ def summary(cells: Dict[str, dict], settings) -> List[dict]:
     return rows
 
 
-def label(steps: int, val_images: int) -> str:
-    return f"teacher >= {steps} steps, {val_images} validation seeds"
+def label(steps: int, val_images: int, confirm_images: int) -> str:
+    confirm = f", confirmed on {confirm_images} more" if confirm_images else ""
+    return f"teacher >= {steps} steps, {val_images} validation seeds{confirm}"
 
 
 def markdown(report: dict) -> str:
@@ -113,7 +116,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cells, teacher, steps_tried = {}, {}, sorted({s for s, _ in SETTINGS})
+    cells, teacher, steps_tried = {}, {}, sorted({s[0] for s in SETTINGS})
     for spec in args.models.split(","):
         model = load_model(spec)
         reference, _ = exact_endpoints(model, spec, FIRST_SEED, SEEDS)

@@ -217,3 +217,32 @@ def test_the_default_teacher_is_far_more_accurate_than_the_base_and_validation_u
     assert teacher_error < 0.05 * base_error
     amed = learn("amed", model, nfe=4, iters=1, batch=4, train_images=4)
     assert amed.settings["val_images"] == 64
+
+
+def test_a_confirmation_on_fresh_seeds_keeps_the_chosen_iterate_only_where_it_beats_the_base(analytic):
+    """``confirm_images``: the iterate validation chose must be significantly better than the base
+    again on other seeds, or the neutral parameters (the base solver exactly) come back."""
+    from diffsampler.learned.distill import VAL_SEEDS
+    model, noise, _ = analytic
+    kw = dict(nfe=4, solver="unipc", iters=30, batch=16, train_images=128, val_images=32)
+    plain = learn("ld3", model, **kw)
+    chosen = plain.settings["best_iteration"]
+    assert chosen > 0 and plain.settings["confirmation"] is None and plain.settings["confirm_images"] == 0
+    # confirmed on the validation seeds themselves: the same paired test, so the same verdict and value
+    same = learn("ld3", model, confirm_images=32, confirm_seed=VAL_SEEDS, **kw)
+    assert same.settings["best_iteration"] == chosen and same.settings["confirmation"]["kept"]
+    assert same.settings["confirmation"]["learned"] == pytest.approx(dict(plain.settings["validation"])[chosen], rel=1e-9)
+    assert same.settings["confirmation"]["neutral"] == pytest.approx(plain.settings["validation"][0][1], rel=1e-9)
+    # a seed on which that iterate lands farther from the teacher than the base does: rejected
+    from diffsampler.learned.distill import refine
+    neutral = LEARNED["ld3"].create(model, model.shape, nfe=4, solver="unipc")
+    seeds = list(range(2_500_000, 2_500_064))
+    fresh = seed_noise(seeds, model.shape)
+    teacher = sample(model, fresh, solver="dpmpp", sigmas=refine(neutral.grid(), plain.settings["M"]), afs=False).samples
+    error = lambda s: (sample(model, fresh, learned=s).samples - teacher).flatten(1).pow(2).mean(1).sqrt()
+    ratio = error(plain) / error(neutral)
+    worse = seeds[int(ratio.argmax())]
+    assert ratio.max() > 1.5 and ratio.median() < 0.8          # most seeds improve, this one does not
+    rejected = learn("ld3", model, confirm_images=1, confirm_seed=worse, **kw)
+    assert rejected.settings["best_iteration"] == 0 and not rejected.settings["confirmation"]["kept"]
+    assert torch.equal(sample(model, noise, learned=rejected).samples, sample(model, noise, learned=neutral).samples)

@@ -26,6 +26,10 @@ training_options = stack(
     click.option("--val-images", type=click.IntRange(min=0), default=None,
                  help="Held-out validation seeds (from 2,000,000) that pick the best iterate (default: the "
                       "method's, 256; AMED 64)."),
+    click.option("--confirm-images", type=click.IntRange(min=0), default=None,
+                 help="Fresh seeds (from 2,500,000) on which the chosen iterate must beat the base again, else the "
+                      "base is kept (default 0: off; it kept the base in more cells without avoiding a loss, "
+                      "evaluation/README.md)."),
     click.option("--guidance", type=click.FloatRange(min=0), default=1.0, show_default=True,
                  help="Classifier-free guidance scale to train with."),
     click.option("--device", default="cpu", show_default=True),
@@ -53,10 +57,14 @@ def _train(method, model, trust_pickle, device, guidance, out, extra, schedule_o
     info = sampler.settings
     first = " with AFS" if info["afs"] else ""
     first += ", plain first step" if info.get("plain_first") else ""
+    confirmed = info.get("confirmation")
+    confirmed = "" if confirmed is None else (f"; on {info['confirm_images']} fresh seeds {confirmed['neutral']:.4g} -> "
+                                              f"{confirmed['learned']:.4g}, " + ("kept" if confirmed["kept"] else
+                                                                                 "not significant: the base is kept"))
     click.echo(f"wrote {out}: {sampler.step_rule().label} at NFE {info['nfe']}{first}, {sampler.describe()}; "
-               f"validation RMSE "
-               f"{info['validation'][0][1]:.4g} (neutral) -> {min(v for _, v in info['validation']):.4g} (best, "
-               f"iteration {info['best_iteration']}); {info['train_seconds']:.1f} s")
+               f"validation RMSE {info['validation'][0][1]:.4g} (neutral) -> "
+               f"{dict(info['validation'])[max(info['best_iteration'], 0)]:.4g} (kept: iteration "
+               f"{info['best_iteration']}){confirmed}; {info['train_seconds']:.1f} s")
 
 
 @click.command("learn", context_settings={"show_default": True})

@@ -18,7 +18,7 @@ import torch
 from ..models.identity import guidance_scale, model_fingerprint
 from . import amed, epd, ld3, pas, s4s  # noqa: F401  (registration)
 from .base import LearnedSampler
-from .distill import TRAIN_SEEDS, VAL_SEEDS, distill
+from .distill import CONFIRM_SEEDS, TRAIN_SEEDS, VAL_SEEDS, distill
 from .select import choose_base
 from .registry import LEARNED, learned_class, load_learned, register_learned
 
@@ -29,7 +29,8 @@ def learn(method: str, denoiser, shape: Optional[Sequence[int]] = None, nfe: Opt
           cond=None, model_name: Optional[str] = None, teacher: Optional[str] = None,
           teacher_options: Optional[dict] = None, M: Optional[int] = None, batch: int = 32, iters: Optional[int] = None,
           train_images: Optional[int] = None, lr: Optional[float] = None, first_seed: int = TRAIN_SEEDS,
-          val_images: Optional[int] = None, val_seed: int = VAL_SEEDS, val_every: Optional[int] = None, loss: str = "l2",
+          val_images: Optional[int] = None, val_seed: int = VAL_SEEDS, val_every: Optional[int] = None,
+          confirm_images: Optional[int] = None, confirm_seed: int = CONFIRM_SEEDS, loss: str = "l2",
           through: bool = False, dtype=torch.float32, device="cpu", progress: bool = False, log=None,
           auto_images: int = 32, **options) -> LearnedSampler:
     """Train learned sampler ``method`` at ``nfe`` on ``denoiser`` (any Denoiser or plain callable
@@ -61,5 +62,6 @@ def learn(method: str, denoiser, shape: Optional[Sequence[int]] = None, nfe: Opt
                    batch=batch, iters=iters if iters is not None else cls.default_iters,
                    train_images=train_images if train_images is not None else cls.default_train_images,
                    lr=lr if lr is not None else cls.default_lr, first_seed=first_seed, val_images=val_images,
-                   val_seed=val_seed, val_every=val_every, loss=loss, through=through, dtype=dtype, device=device,
+                   val_seed=val_seed, val_every=val_every, confirm_images=confirm_images, confirm_seed=confirm_seed,
+                   loss=loss, through=through, dtype=dtype, device=device,
                    progress=progress, log=log)

@@ -55,6 +55,8 @@ class LearnedSampler(nn.Module):
     # Validation seeds: rare seeds that land in another mixture mode dominate the mean error, and 64
     # seeds missed them (a PAS run 1.6x worse than its base on other seeds); 256 halved such losses.
     default_val_images: ClassVar[int] = 256
+    # Fresh seeds on which the chosen iterate must again beat the base (0: no second test; see .distill).
+    default_confirm_images: ClassVar[int] = 0
     accepts: ClassVar[Optional[Tuple[str, ...]]] = None         # base solvers it can start from (None: any)
     reads: Optional[str] = None
     feature_dim: Optional[int] = None
