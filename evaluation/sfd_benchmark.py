@@ -34,6 +34,7 @@ Rows are cached in ``evaluation/.cache/sfd/`` (a rerun with the same settings re
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 import warnings
@@ -141,10 +142,13 @@ class Bench:
 
 
 def _slug(config: dict) -> str:
+    """A file name per configuration (students and teachers with a digest of their record: two
+    students, or teachers on two grids, at one NFE must not overwrite each other's cache)."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     if "student" in config:
-        return f"student{config['nfe']}"
+        return f"student{config['nfe']}_{digest}"
     if "teacher_of" in config:
-        return f"teacher{config['teacher_of']}_{config['solver']}_nfe{config['nfe']}"
+        return f"teacher{config['teacher_of']}_{config['solver']}_nfe{config['nfe']}_{digest}"
     opts = "-".join(f"{k}{v:g}" for k, v in config["schedule_options"].items())
     return f"{config['solver']}_nfe{config['nfe']}_{config['schedule']}{opts}_{'afs' if config['afs'] else 'noafs'}"
 

@@ -135,3 +135,26 @@ def test_the_sfd_reports_teacher_rows_rebuild_the_committed_students_teacher_sol
         assert kwargs.pop("solver") == record["teacher"]["name"] and kwargs.pop("afs") is False
         assert kwargs.pop("sigmas") == config["sigmas"]
         assert kwargs == {key: v for key, v in record["teacher"].items() if key != "name"}
+
+
+def test_the_sfd_grid_studys_first_candidate_is_the_committed_students_teacher_and_each_grid_has_its_own_cache():
+    """evaluation.sfd_grid rebuilds the student grid and teacher solve from a candidate; its first
+    candidate must be the committed student's (same sigmas, teacher and M), and teacher solves on two
+    grids at one NFE must be cached under different names (they overwrote each other once)."""
+    import json
+    from pathlib import Path
+    from evaluation.sfd_benchmark import _slug, teacher_configuration
+    from evaluation.sfd_grid import CANDIDATES, record_of
+
+    committed = json.loads((Path(__file__).parents[1] / "checkpoints/fashion-mnist-sfd/config.json").read_text())["distilled"]
+    model = _tiny(0)                    # the bundled model's sigma range (0.002..80), so its grids
+    schedule, options, m, teacher = CANDIDATES[0]
+    ours = record_of(model, schedule, options, m, teacher, committed["nfes"])
+    assert (ours["schedule"], ours["schedule_options"], ours["M"]) == (committed["schedule"], committed["schedule_options"],
+                                                                       committed["M"])
+    assert ours["teacher"] == committed["teacher"]
+    for k in committed["nfes"]:
+        assert max(abs(a - b) / b for a, b in zip(ours["sigmas"][str(k)], committed["sigmas"][str(k)])) < 1e-12
+        assert teacher_configuration(ours, k)["nfe"] == committed["teacher_steps"][str(k)]
+    names = {_slug(teacher_configuration(record_of(model, s, o, m_, t, [2]), 2)) for s, o, m_, t in CANDIDATES}
+    assert len(names) == len(CANDIDATES)
