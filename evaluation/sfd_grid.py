@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
+from diffsampler.defaults import DEFAULT_SCHEDULE, DEFAULT_SCHEDULE_OPTIONS
 from diffsampler.distill.train import DEFAULT_TEACHER_OPTIONS
 from diffsampler.plan import make_plan
 
@@ -65,7 +67,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--rmse-seeds", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--students", default="", help="comma-separated student folders or model specs to score too")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -86,7 +88,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             print(f"[{time.perf_counter() - t_start:7.1f}s] {row['candidate']}, NFE {k} (teacher {row['teacher_nfe']}): "
                   f"RMSE {row['rmse']:.4f}, FID {row['fid']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     # the converged samples' own FID: what a student that imitated the ODE exactly would score
-    reference = {"solver": "heun", "nfe": 160, "schedule": "time_uniform", "schedule_options": {"rho": 2.0}, "afs": False}
+    # (common.converged's solve: Heun NFE 160 on the default schedule)
+    reference = {"solver": "heun", "nfe": 160, "schedule": DEFAULT_SCHEDULE,
+                 "schedule_options": dict(DEFAULT_SCHEDULE_OPTIONS), "afs": False}
     converged_fid = fid_of(bench.features(reference, args.images)["features"])
     print(f"[{time.perf_counter() - t_start:7.1f}s] converged (heun NFE 160): FID {converged_fid:.3f}", flush=True)
     students = []
@@ -107,9 +111,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     targets = {str(k): {ranking: {key: recorded[str(n)][ranking][key] for key in ("label", "rmse", "fid")}
                         for ranking in ("by_rmse", "by_fid")}
                for k, n in TARGETS.items() if str(n) in recorded}
-    report = {"machine": machine(), "settings": vars(args), "rows": rows, "converged_fid": converged_fid, "students": students, "targets": targets,
+    report = {"machine": machine(), "settings": vars(args) | {"out": str(args.out)}, "rows": rows,
+              "converged_fid": converged_fid, "students": students, "targets": targets,
               "seconds": time.perf_counter() - t_start}
-    write_report("sfd_grid", report, markdown(report), folder=type(RESULTS)(args.out))
+    write_report("sfd_grid", report, markdown(report), folder=args.out)
     return report
 
 
@@ -124,6 +129,7 @@ def markdown(report: dict) -> str:
              "(`results/sfd.json`, by RMSE / by FID; unpaired here).", ""]
     lines += [f"The converged samples themselves (Heun NFE 160, the RMSE reference) have FID "
               f"**{report['converged_fid']:.3f}** on these images: a student that followed the ODE exactly.", ""]
+
     def below(nfe: int, rmse: float, fid: float) -> str:
         goal = targets.get(str(nfe))
         if not goal:

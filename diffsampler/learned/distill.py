@@ -191,7 +191,8 @@ def distill(sampler: LearnedSampler, denoiser, shape: Optional[Sequence[int]] = 
                 history.append([it, value])
                 if (it == 0 or significant) and value < best[0]:
                     best = (value, it, copy.deepcopy(sampler.state_dict()))
-                    neutral_state = best[2] if it == 0 else neutral_state
+                    if it == 0:
+                        neutral_state = best[2]          # the base solver exactly, for the confirmation
             if it == iters:
                 break
             k = it % len(batches)
